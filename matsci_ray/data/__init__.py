@@ -1,0 +1,1 @@
+"""Data layer: source readers, validation, Parquet shards and Ray Data streaming."""

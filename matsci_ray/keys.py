@@ -1,0 +1,81 @@
+"""Canonical column and target names, in one place.
+
+Every reader converts its source into these names and units; every model, task and report reads
+them from here. A name that is not here is not part of the data set format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+# --- structure columns -----------------------------------------------------------------------
+DATASET = "dataset"  # source name, e.g. "oc20-s2ef"
+SAMPLE_ID = "sample_id"  # unique within a dataset, stable across re-ingests
+SPLIT = "split"  # "train" | "val" | "test"
+GROUP = "group"  # split unit: frames sharing a group never straddle splits (OC20 system id)
+ATOMIC_NUMBERS = "atomic_numbers"  # (n,) int
+POSITIONS = "positions"  # (n, 3) Cartesian, Å
+CELL = "cell"  # (3, 3) Å, rows are lattice vectors
+PBC = "pbc"  # (3,) bool
+NATOMS = "natoms"  # int
+
+STRUCTURE_COLUMNS = (DATASET, SAMPLE_ID, SPLIT, GROUP, ATOMIC_NUMBERS, POSITIONS, CELL, PBC, NATOMS)
+
+SPLITS = ("train", "val", "test")
+
+# --- targets ---------------------------------------------------------------------------------
+ENERGY = "energy"
+FORCES = "forces"
+RELAXED_ENERGY = "relaxed_energy"
+RELAXED_POSITIONS = "relaxed_positions"
+FORMATION_ENERGY = "formation_energy_per_atom"
+BAND_GAP = "band_gap"
+EFERMI = "efermi"
+IS_STABLE = "is_stable"
+SPACE_GROUP = "space_group"
+TAGS = "tags"
+FIXED = "fixed"
+
+TargetKind = Literal["scalar", "per_atom_vector", "per_atom_int", "per_atom_bool", "bool", "class"]
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """What a target column holds: its shape kind, unit and accepted range."""
+
+    name: str
+    kind: TargetKind
+    unit: str
+    description: str
+    low: float | None = None  # inclusive bounds checked by validation (None: unbounded)
+    high: float | None = None
+    num_classes: int | None = None
+    extensive: bool = False  # scales with system size (total energies)
+
+
+TARGETS: dict[str, TargetSpec] = {
+    spec.name: spec
+    for spec in (
+        TargetSpec(ENERGY, "scalar", "eV", "total DFT energy of the structure", extensive=True),
+        TargetSpec(FORCES, "per_atom_vector", "eV/Å", "DFT forces, −∂E/∂positions", -100, 100),
+        TargetSpec(
+            RELAXED_ENERGY,
+            "scalar",
+            "eV",
+            "energy of the relaxed structure (IS2RE)",
+            extensive=True,
+        ),
+        TargetSpec(RELAXED_POSITIONS, "per_atom_vector", "Å", "positions after relaxation"),
+        TargetSpec(FORMATION_ENERGY, "scalar", "eV/atom", "formation energy per atom", -20, 20),
+        TargetSpec(BAND_GAP, "scalar", "eV", "electronic band gap", 0, 50),
+        TargetSpec(EFERMI, "scalar", "eV", "Fermi energy", -100, 100),
+        TargetSpec(IS_STABLE, "bool", "", "on the convex hull (binary class)"),
+        TargetSpec(SPACE_GROUP, "class", "", "international space group number", 1, 230, 230),
+        TargetSpec(TAGS, "per_atom_int", "", "OC20 tags: 0 subsurface, 1 surface, 2 adsorbate"),
+        TargetSpec(FIXED, "per_atom_bool", "", "atom held fixed during the relaxation"),
+    )
+}
+
+# Metadata carried per record but not learned.
+MATERIAL_ID = "material_id"  # Materials Project id where the source has one
