@@ -1,0 +1,1 @@
+"""The ``matsci-ray`` command line: one module per verb, each with ``register(subparsers)``."""

@@ -1,0 +1,153 @@
+"""``matsci-ray ingest``: sources → validated Parquet shards, in parallel on Ray.
+
+One Ray task per input file plans it (checksum, work units); one Ray task per work unit streams
+it into shards (:mod:`matsci_ray.data.shards`). Units already committed by an earlier run with
+the same inputs and options are skipped, which is what makes ingest resumable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import ray
+from tqdm.auto import tqdm
+
+from matsci_ray.data.manifest import build_manifest, write_manifest
+from matsci_ray.data.readers import get_reader
+from matsci_ray.data.record import SourceError, WorkUnit
+from matsci_ray.data.shards import (
+    UNITS_DIR,
+    IngestOptions,
+    StrictModeError,
+    ingest_unit,
+    load_sidecar,
+    unit_name,
+)
+from matsci_ray.data.splits import load_id_split
+
+log = logging.getLogger(__name__)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _plan_file(options: IngestOptions, file: str) -> tuple[list[WorkUnit], dict[str, Any]]:
+    reader = get_reader(options.source, **options.reader_options)
+    units = reader.plan(Path(file))
+    info = {"file": file, "bytes": Path(file).stat().st_size, "sha256": sha256_file(Path(file))}
+    return units, info
+
+
+def _unwrap(error: Exception) -> Exception:
+    """The user-facing exception inside a Ray task error (SourceError, StrictModeError…)."""
+    cause = getattr(error, "cause", None)
+    return cause if isinstance(cause, Exception) else error
+
+
+def run_ingest(
+    source: str,
+    paths: list[Path],
+    out: Path,
+    options: IngestOptions,
+    *,
+    id_split_dir: Path | None = None,
+    task_cpus: float = 1.0,
+    progress: bool = True,
+    on_unit_done: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Ingest ``paths`` of ``source`` into ``out``; returns the data set's manifest.
+
+    Needs a running Ray (``ray.init``); the CLI starts a local one unless told an address.
+    Re-ingesting a source into the same ``out`` replaces that data set's shards.
+    """
+    reader = get_reader(source, **options.reader_options)
+    files = reader.expand([Path(p) for p in paths])
+    dataset_dir = Path(out) / reader.dataset
+    id_split = load_id_split(id_split_dir) if id_split_dir is not None else None
+
+    plan_task = ray.remote(num_cpus=task_cpus)(_plan_file)
+    try:
+        planned = ray.get([plan_task.remote(options, str(f)) for f in files])
+    except ray.exceptions.RayTaskError as error:
+        raise _unwrap(error) from None
+    units = [u for file_units, _ in planned for u in file_units]
+    inputs = [info for _, info in planned]
+    checksum = {info["file"]: info["sha256"] for info in inputs}
+
+    sidecars: dict[str, dict[str, Any]] = {}
+    todo: list[WorkUnit] = []
+    for unit in units:
+        done = load_sidecar(dataset_dir, unit)
+        if (
+            done
+            and done["fingerprint"] == options.fingerprint()
+            and done["input_sha256"] == checksum[unit.file]
+        ):
+            sidecars[unit_name(unit)] = done
+        else:
+            todo.append(unit)
+    if sidecars:
+        log.info("resuming: %d of %d units already ingested", len(sidecars), len(units))
+
+    unit_task = ray.remote(num_cpus=task_cpus, max_retries=0)(ingest_unit)
+    split_ref = ray.put(id_split)
+    pending = {
+        unit_task.remote(u, dataset_dir, options, checksum[u.file], split_ref): u for u in todo
+    }
+    bar = tqdm(
+        total=len(units),
+        initial=len(sidecars),
+        unit="unit",
+        disable=not progress,
+        desc=f"ingest {source}",
+    )
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            unit = pending.pop(ready[0])
+            try:
+                sidecar = ray.get(ready[0])
+            except ray.exceptions.RayTaskError as error:
+                raise _unwrap(error) from None
+            sidecars[unit_name(unit)] = sidecar
+            if on_unit_done is not None:
+                on_unit_done(sidecar)
+            bar.update(1)
+    except BaseException:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise
+    finally:
+        bar.close()
+
+    _remove_stale(dataset_dir, {unit_name(u) for u in units})
+    ordered = [sidecars[unit_name(u)] for u in units]
+    manifest = build_manifest(reader.dataset, options, inputs, ordered)
+    write_manifest(Path(out), reader.dataset, manifest)
+    return manifest
+
+
+def _remove_stale(dataset_dir: Path, current: set[str]) -> None:
+    """Delete shards and sidecars of units that are no longer part of this data set."""
+    for path in dataset_dir.glob("*/part-*.parquet*"):
+        if path.name.removeprefix("part-").split(".parquet")[0] not in current:
+            path.unlink()
+    for path in (dataset_dir / UNITS_DIR).glob("*.json"):
+        if path.stem not in current:
+            path.unlink()
+    for split_dir in dataset_dir.iterdir():
+        if split_dir.is_dir() and split_dir.name != UNITS_DIR and not any(split_dir.iterdir()):
+            shutil.rmtree(split_dir)
+
+
+__all__ = ["IngestOptions", "SourceError", "StrictModeError", "run_ingest"]

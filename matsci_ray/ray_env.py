@@ -1,0 +1,38 @@
+"""Starting or joining Ray the same way from the CLI, jobs and tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import ray
+
+
+def init_ray(
+    address: str | None = None,
+    *,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    temp_dir: Path | None = None,
+    include_dashboard: bool = False,
+) -> None:
+    """Join ``address`` (or ``RAY_ADDRESS``), else start a local Ray in-process.
+
+    A local Ray binds its dashboard to 127.0.0.1 only; expose it deliberately (see README).
+    """
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    kwargs: dict[str, object] = {
+        "num_cpus": num_cpus,
+        "num_gpus": num_gpus,
+        "include_dashboard": include_dashboard,
+        "dashboard_host": "127.0.0.1",
+        "log_to_driver": True,
+    }
+    if temp_dir is not None:
+        kwargs["_temp_dir"] = str(Path(temp_dir).resolve())
+    ray.init(**kwargs)

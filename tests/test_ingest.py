@@ -1,0 +1,251 @@
+"""Ingest on a real local Ray: every sample source, manifests, splits, resume after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from matsci_ray import keys as K
+from matsci_ray.data.dataset import open_dataset, shard_paths
+from matsci_ray.data.ingest import run_ingest
+from matsci_ray.data.shards import IngestOptions, StrictModeError
+from matsci_ray.data.splits import SplitConfig
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def _ingest(
+    source: str,
+    paths: list[Path],
+    out: Path,
+    id_split_dir: Path | None = None,
+    on_unit_done: object = None,
+    **kwargs: object,
+) -> dict:
+    options = IngestOptions(source=source, **kwargs)  # type: ignore[arg-type]
+    return run_ingest(
+        source,
+        paths,
+        out,
+        options,
+        id_split_dir=id_split_dir,
+        progress=False,
+        on_unit_done=on_unit_done,
+    )  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def oc20(samples: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("oc20")
+    manifest = _ingest("oc20-s2ef", [samples / "oc20" / "trajectories"], out)
+    return out, manifest
+
+
+def test_oc20_counts_units_and_first_frame(oc20: tuple[Path, dict], samples: Path) -> None:
+    import ase.io
+
+    out, manifest = oc20
+    counts = manifest["counts"]
+    assert counts["total"] + counts["rejected"] == 4207
+    assert counts["rejected"] == len(manifest["rejects"]["records"])
+    assert len(manifest["inputs"]) == 24 and all(len(i["sha256"]) == 64 for i in manifest["inputs"])
+    first = samples / "oc20" / "trajectories" / "random1000100.traj"
+    atoms = ase.io.read(first, 0)
+    table = pq.read_table(
+        shard_paths(out, "oc20-s2ef", "train")
+        + shard_paths(out, "oc20-s2ef", "val")
+        + shard_paths(out, "oc20-s2ef", "test")
+    )
+    row = table.filter(table[K.SAMPLE_ID].to_numpy(zero_copy_only=False) == "random1000100:0")
+    assert row.num_rows == 1
+    assert row[K.ENERGY][0].as_py() == pytest.approx(atoms.get_potential_energy(), abs=1e-9)
+    forces = np.array(row[K.FORCES][0].as_py())
+    np.testing.assert_allclose(forces, atoms.get_forces(), atol=1e-9)
+    np.testing.assert_allclose(np.array(row[K.CELL][0].as_py()), atoms.cell[:], atol=1e-12)
+    assert row[K.NATOMS][0].as_py() == len(atoms)
+
+
+def test_oc20_split_by_system(oc20: tuple[Path, dict]) -> None:
+    out, manifest = oc20
+    seen: dict[str, str] = {}
+    for split in K.SPLITS:
+        for path in shard_paths(out, "oc20-s2ef", split):
+            for group in set(pq.read_table(path, columns=[K.GROUP])[K.GROUP].to_pylist()):
+                assert seen.setdefault(group, split) == split, f"{group} straddles splits"
+    assert len(seen) == 24
+    train = manifest["splits"]["train"]
+    assert train["targets"]["energy"]["count"] == manifest["counts"]["train"]
+    assert train["targets"]["forces"]["std"] > 0
+    refs = train["reference_energies"]["energy"]
+    assert {"1", "8"} <= set(refs["per_element"])  # adsorbates carry H and O
+    # per-element references explain most of the total energy
+    assert refs["residual_rms"] < 0.2 * train["targets"]["energy"]["std"]
+
+
+def test_open_dataset_streams_manifest_counts(oc20: tuple[Path, dict]) -> None:
+    out, manifest = oc20
+    ds = open_dataset(out, "oc20-s2ef", "val", columns=[K.SAMPLE_ID, K.NATOMS])
+    assert ds.count() == manifest["counts"]["val"]
+
+
+def test_every_sample_source_ingests(samples: Path, tmp_path: Path) -> None:
+    devsets = samples / "matsciml-devsets"
+    cases = {
+        "oc20-is2re": ([samples / "oc20" / "trajectories"], 24),
+        "materials-project": (
+            [
+                samples / "materials_project" / "summary_docs.jsonl",
+                devsets / "materials_project" / "data.lmdb",
+            ],
+            400,
+        ),
+        "lips": ([samples / "lips" / "lips_devset.extxyz", devsets / "lips" / "data.lmdb"], 400),
+        "oqmd": ([devsets / "oqmd" / "data.lmdb"], 200),
+        "nomad": ([devsets / "nomad" / "data.lmdb"], 200),
+        "carolina-db": ([devsets / "carolina_db" / "data.lmdb"], 100),
+    }
+    for source, (paths, expected) in cases.items():
+        manifest = _ingest(source, paths, tmp_path, id_split_dir=None)
+        counts = manifest["counts"]
+        assert counts["total"] + counts["rejected"] == expected, (source, counts)
+        assert counts["total"] > 0.5 * expected, (source, manifest["rejects"]["by_reason"])
+    index = json.loads((tmp_path / "manifest.json").read_text())
+    assert set(index["datasets"]) == {
+        "oc20-is2re",
+        "materials-project",
+        "lips",
+        "oqmd",
+        "nomad",
+        "carolina-db",
+    }
+
+
+def test_nomad_lattice_in_angstrom(samples: Path, tmp_path: Path) -> None:
+    _ingest("nomad", [samples / "matsciml-devsets" / "nomad" / "data.lmdb"], tmp_path)
+    table = pq.read_table([p for s in K.SPLITS for p in shard_paths(tmp_path, "nomad", s)])
+    row = table.filter(table[K.SAMPLE_ID].to_numpy(zero_copy_only=False) == "data:0")
+    cell = np.array(row[K.CELL][0].as_py())
+    assert cell[0, 0] == pytest.approx(4.34166917, abs=1e-6)  # 4.3416691700000006e-10 m
+
+
+def test_mp_paper_split_applied_by_id(samples: Path, tmp_path: Path) -> None:
+    from matsci_ray.data.splits import load_id_split
+
+    id_split = load_id_split(samples / "materials_project" / "splits")
+    wanted = {"mp-1214041": "val"}
+    assert id_split["mp-1214041"] == "val"
+    docs = [
+        json.loads(line)
+        for line in (samples / "materials_project" / "summary_docs.jsonl")
+        .read_text()
+        .splitlines()[:20]
+    ]
+    ids = sorted(id_split)[:20]
+    ids[0] = "mp-1214041"
+    for doc, material_id in zip(docs, ids, strict=True):
+        doc["material_id"] = material_id
+        wanted[material_id] = id_split[material_id]
+    src = tmp_path / "with_ids.jsonl"
+    src.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    manifest = _ingest(
+        "materials-project",
+        [src],
+        tmp_path / "out",
+        id_split_dir=samples / "materials_project" / "splits",
+    )
+    assert manifest["split_assignment"].get("id", 0) == manifest["counts"]["total"]
+    for split in K.SPLITS:
+        for path in shard_paths(tmp_path / "out", "materials-project", split):
+            for mid in pq.read_table(path, columns=[K.MATERIAL_ID])[K.MATERIAL_ID].to_pylist():
+                assert wanted[mid] == split
+
+
+def test_strict_fails_on_first_reject(samples: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.extxyz"
+    bad.write_text(
+        '2\nLattice="5 0 0 0 5 0 0 0 5" Properties=species:S:1:pos:R:3 energy=-1.0 pbc="T T T"\n'
+        "Li 0 0 0\nLi 0.1 0 0\n"
+    )
+    manifest = _ingest(
+        "generic", [bad], tmp_path / "lenient", reader_options={"targets": {"energy": "energy"}}
+    )
+    assert manifest["rejects"]["by_reason"] == {"distance": 1}
+    assert manifest["rejects"]["records"][0]["file"].endswith("bad.extxyz")
+    with pytest.raises(StrictModeError, match=r"bad\.extxyz.*distance"):
+        _ingest(
+            "generic",
+            [bad],
+            tmp_path / "strict",
+            strict=True,
+            reader_options={"targets": {"energy": "energy"}},
+        )
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def test_killed_ingest_resumes_to_identical_output(samples: Path, tmp_path: Path) -> None:
+    """Kill the CLI (and its Ray) mid-run; the re-run skips finished units, output is identical."""
+    traj = samples / "oc20" / "trajectories"
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    cmd = [
+        sys.executable,
+        "-m",
+        "matsci_ray.cli.main",
+        "ingest",
+        "oc20-s2ef",
+        str(traj),
+        "--out",
+        str(killed),
+        "--num-cpus",
+        "1",
+        "--chunk-size",
+        "50",
+        "--no-progress",
+    ]
+    env = {**os.environ, "RAY_TMPDIR": str(tmp_path / "ray")}
+    proc = subprocess.Popen(
+        cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    units_dir = killed / "oc20-s2ef" / "_units"
+    deadline = time.time() + 180
+    while time.time() < deadline and len(list(units_dir.glob("*.json"))) < 5:
+        assert proc.poll() is None, "ingest finished before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(units_dir.glob("*.json")))
+    assert done_before >= 5 and not (killed / "oc20-s2ef" / "manifest.json").exists()
+
+    redone: list[dict] = []
+    options = {"reader_options": {"chunk_size": 50}}
+    manifest = _ingest("oc20-s2ef", [traj], killed, on_unit_done=redone.append, **options)
+    _ingest("oc20-s2ef", [traj], clean, **options)
+    assert _tree(killed) == _tree(clean)
+    total_units = len(list(units_dir.glob("*.json")))
+    assert len(redone) == total_units - done_before
+    assert manifest["counts"]["total"] + manifest["counts"]["rejected"] == 4207
+
+
+def test_rerun_with_other_seed_replaces_shards(samples: Path, tmp_path: Path) -> None:
+    src = [samples / "matsciml-devsets" / "oqmd" / "data.lmdb"]
+    first = _ingest("oqmd", src, tmp_path, split=SplitConfig(seed=1))
+    second = _ingest("oqmd", src, tmp_path, split=SplitConfig(seed=2))
+    assert first["counts"]["total"] == second["counts"]["total"]
+    rows = sum(
+        pq.read_metadata(p).num_rows for s in K.SPLITS for p in shard_paths(tmp_path, "oqmd", s)
+    )
+    on_disk = sum(pq.read_metadata(p).num_rows for p in (tmp_path / "oqmd").glob("*/*.parquet"))
+    assert rows == on_disk == second["counts"]["total"]
