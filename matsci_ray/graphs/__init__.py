@@ -1,0 +1,1 @@
+"""Periodic graphs: neighbour lists, edge geometry and collation into PyG batches."""
