@@ -6,6 +6,7 @@ category (before the colon) is what the manifest counts rejects by.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,6 +111,16 @@ def _check_targets(r: Record, limits: Limits) -> str | None:
     return None
 
 
+# vesin bins space into cells of about the cutoff: a 0.5 Å search in an OC20 slab with vacuum
+# walks ~10⁵ empty cells (1.7 ms/structure); searching 3 Å and filtering is 20× faster.
+_SEARCH_CUTOFF = 3.0
+
+
+@functools.cache
+def _neighbor_list(cutoff: float) -> vesin.NeighborList:
+    return vesin.NeighborList(cutoff=cutoff, full_list=False, n_threads=1)
+
+
 def _check_distances(r: Record, limits: Limits) -> str | None:
     """No two atoms, nor an atom and its own image, closer than ``limits.min_distance``."""
     positions = np.ascontiguousarray(r.positions, dtype=np.float64)
@@ -117,10 +128,11 @@ def _check_distances(r: Record, limits: Limits) -> str | None:
     box = np.ascontiguousarray(r.cell, dtype=np.float64)
     if not periodic.any():
         box = np.zeros((3, 3))
-    nl = vesin.NeighborList(cutoff=limits.min_distance, full_list=False)
+    nl = _neighbor_list(max(limits.min_distance, _SEARCH_CUTOFF))
     i, j, d = nl.compute(positions, box, periodic.tolist(), quantities="ijd")
-    if len(d) == 0:
+    close = d < limits.min_distance
+    if not close.any():
         return None
-    k = int(np.argmin(d))
+    k = int(np.flatnonzero(close)[np.argmin(d[close])])
     pair = f"atom {i[k]} and its own image" if i[k] == j[k] else f"atoms {i[k]} and {j[k]}"
     return f"distance: {pair} are {d[k]:.3f} Å apart (< {limits.min_distance} Å)"
