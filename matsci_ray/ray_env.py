@@ -15,17 +15,17 @@ def init_ray(
     num_gpus: int | None = None,
     temp_dir: Path | None = None,
     include_dashboard: bool = False,
-) -> None:
+) -> str | None:
     """Join ``address`` (or ``RAY_ADDRESS``), else start a local Ray in-process.
 
-    A local Ray binds its dashboard to 127.0.0.1 only; expose it deliberately (see README).
+    Returns the dashboard URL when one is running. A local Ray binds its dashboard to
+    127.0.0.1 only; expose it deliberately (see README).
     """
     if ray.is_initialized():
-        return
+        return None
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
-        return
+        return ray.init(address=address, log_to_driver=True).dashboard_url or None
     kwargs: dict[str, object] = {
         "num_cpus": num_cpus,
         "num_gpus": num_gpus,
@@ -35,4 +35,4 @@ def init_ray(
     }
     if temp_dir is not None:
         kwargs["_temp_dir"] = str(Path(temp_dir).resolve())
-    ray.init(**kwargs)
+    return ray.init(**kwargs).dashboard_url or None

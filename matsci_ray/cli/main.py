@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from importlib import import_module
 
 # verb modules, in the order `--help` lists them
-VERBS = ("ingest", "download", "train", "evaluate", "predict")
+VERBS = ("demo", "ingest", "download", "train", "evaluate", "predict")
 
 
 class UserError(Exception):

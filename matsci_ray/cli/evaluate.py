@@ -1,0 +1,36 @@
+"""``matsci-ray evaluate CHECKPOINT --split test``: print the metric table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "evaluate",
+        help="score a checkpoint on a split and print the metric table",
+        description="Stream a split of the checkpoint's data set and print its task metrics.",
+    )
+    p.add_argument("checkpoint", type=Path, help="checkpoint directory or checkpoint.pt")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--data-root", type=Path, help="ingest output (default: the config's)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from matsci_ray.ray_env import init_ray
+    from matsci_ray.train.evaluate import evaluate_checkpoint, metric_table
+
+    init_ray(args.address, num_cpus=args.num_cpus)
+    metrics = evaluate_checkpoint(args.checkpoint, args.split, args.data_root)
+    print(
+        json.dumps(metrics, indent=1, sort_keys=True)
+        if args.json
+        else metric_table(metrics, args.split)
+    )
+    return 0

@@ -1,0 +1,64 @@
+"""``matsci-ray train CONFIG``: one experiment on Ray Train."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import yaml
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train a model on Ray Train from a YAML config",
+        description="Train the config's tasks with DDP on Ray Train; checkpoints every epoch.",
+    )
+    p.add_argument("config", type=Path, help="experiment YAML")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set optim.lr=3e-4 (YAML-parsed)",
+    )
+    p.add_argument("--resume", type=Path, help="checkpoint directory to resume from")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
+    p.set_defaults(func=run)
+
+
+def parse_overrides(items: list[str]) -> dict[str, object]:
+    from matsci_ray.cli.main import UserError
+
+    overrides: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def run(args: argparse.Namespace) -> int:
+    from matsci_ray.config import load_config
+    from matsci_ray.ray_env import init_ray
+    from matsci_ray.train.trainer import build_trainer
+
+    config = load_config(args.config, parse_overrides(args.set))
+    init_ray(args.address, num_cpus=args.num_cpus)
+    result = build_trainer(config, resume_from=args.resume).fit()
+    if result.error is not None:
+        raise result.error
+    print(
+        json.dumps(
+            {k: v for k, v in result.metrics.items() if "/" in k or k == "epoch"},
+            indent=1,
+            sort_keys=True,
+        )
+    )
+    if result.checkpoint is not None:
+        print(f"checkpoint: {result.checkpoint.path}")
+    print(f"tensorboard: tensorboard --logdir {config.run.storage / config.name / 'tensorboard'}")
+    return 0

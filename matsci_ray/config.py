@@ -1,0 +1,126 @@
+"""The one config system: typed, validated YAML (pydantic models, unknown keys refused).
+
+A config file is an :class:`ExperimentConfig`; every job, CLI verb and Tune trial reads one.
+Relative paths are resolved against the working directory of the command that loads it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from matsci_ray.tasks.registry import TASKS
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class DataConfig(_Strict):
+    root: Path = Field(description="ingest output directory (holds <dataset>/manifest.json)")
+    cutoff: float = Field(6.0, gt=0, description="neighbour cutoff, Å")
+    max_neighbors: int | None = Field(None, gt=0)
+    batch_size: int = Field(32, gt=0, description="structures per batch per worker")
+    shuffle_buffer: int = Field(1024, ge=0, description="rows in the local shuffle buffer")
+    val_split: Literal["val", "test"] = "val"
+    max_train_samples: int | None = Field(None, gt=0, description="cap per epoch (smoke runs)")
+
+
+class ModelConfig(_Strict):
+    name: Literal["egnn", "megnet", "gala"] = "egnn"
+    params: dict[str, Any] = Field(default_factory=dict, description="encoder keyword arguments")
+    head_hidden: int = Field(128, gt=0)
+
+
+class LossConfig(_Strict):
+    energy_weight: float = Field(1.0, ge=0, description="energy term of force tasks")
+    force_weight: float = Field(10.0, ge=0, description="force term of force tasks")
+    task_weights: dict[str, float] = Field(default_factory=dict)
+    combine: Literal["additive", "pcgrad"] = "additive"
+
+
+class OptimConfig(_Strict):
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    epochs: int = Field(20, gt=0)
+    max_minutes: float | None = Field(None, gt=0, description="stop after this wall time")
+    grad_clip: float | None = Field(10.0, gt=0)
+    scheduler: Literal["cosine", "plateau", "none"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    early_stopping_patience: int | None = Field(None, gt=0, description="epochs without gain")
+
+
+class RunConfig(_Strict):
+    num_workers: int = Field(2, gt=0)
+    cpus_per_worker: float = Field(0.5, gt=0)
+    use_gpu: bool = False
+    storage: Path = Path("runs/results")
+    max_failures: int = Field(1, ge=0)
+    seed: int = 42
+    threads_per_worker: int | None = Field(None, gt=0, description="torch intra-op threads")
+    fail_at_epoch: int | None = Field(None, description="testing: kill rank 0 once at this epoch")
+
+
+class ExperimentConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    tasks: list[str] = Field(min_length=1)
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: list[str]) -> list[str]:
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; choose from {sorted(TASKS)}")
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"tasks repeat: {tasks}")
+        return tasks
+
+    @property
+    def datasets(self) -> list[str]:
+        """Data sets the tasks draw on, in task order, each once."""
+        return list(dict.fromkeys(TASKS[t].dataset for t in self.tasks))
+
+
+class ConfigError(ValueError):
+    """A config file that does not parse or validate; the message names the file and field."""
+
+
+def load_config(path: Path | str, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read and validate a YAML config; ``overrides`` are dotted keys (``optim.lr``)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        config = ExperimentConfig.model_validate(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"{path}: {where}: {first['msg']}") from None
+    config.data.root = config.data.root.resolve()
+    config.run.storage = config.run.storage.resolve()
+    return config
+
+
+def dump_config(config: ExperimentConfig) -> dict[str, Any]:
+    """JSON-able form stored in checkpoints and reports."""
+    return config.model_dump(mode="json")

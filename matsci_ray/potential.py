@@ -1,0 +1,57 @@
+"""``MatSciModel``: a shared encoder with one head per task, forces by autograd.
+
+Forces are always the negative gradient of a head's energy with respect to positions
+(conservative), so any encoder becomes a force field without force-specific code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from matsci_ray.models.base import Encoder
+from matsci_ray.tasks.heads import Head, build_head
+from matsci_ray.tasks.registry import TaskSpec
+
+Predictions = dict[str, dict[str, Tensor]]
+
+
+class MatSciModel(nn.Module):
+    def __init__(self, encoder: Encoder, tasks: list[TaskSpec], head_hidden: int = 128) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.tasks = {t.name: t for t in tasks}
+        self.heads = nn.ModuleDict(
+            {t.name: build_head(t, encoder.node_dim, encoder.graph_dim, head_hidden) for t in tasks}
+        )
+
+    @property
+    def needs_forces(self) -> bool:
+        return any(t.kind == "forces" for t in self.tasks.values())
+
+    def fit_normalisation(self, summaries: dict[str, dict[str, Any]]) -> None:
+        """``summaries``: data set name → its manifest's train-split summary."""
+        for name, head in self.heads.items():
+            head.fit_normalisation(summaries[self.tasks[name].dataset])
+
+    def head(self, name: str) -> Head:
+        return self.heads[name]  # type: ignore[return-value]
+
+    def forward(self, batch: Any, forces: bool | None = None) -> Predictions:
+        """Per task: ``{"value": (B,) or logits}``, plus ``"forces"`` (N, 3) for force tasks."""
+        want_forces = self.needs_forces if forces is None else forces
+        if want_forces and not batch.pos.requires_grad:
+            batch.pos.requires_grad_(True)
+        out = self.encoder(batch)
+        preds: Predictions = {}
+        for name, head in self.heads.items():
+            value = head(out, batch)
+            preds[name] = {"value": value}
+            if want_forces and self.tasks[name].kind == "forces":
+                (grad,) = torch.autograd.grad(
+                    value.sum(), batch.pos, create_graph=self.training, retain_graph=True
+                )
+                preds[name]["forces"] = -grad
+        return preds

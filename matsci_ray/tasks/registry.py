@@ -1,0 +1,137 @@
+"""One registry of the benchmark's tasks: the rows of the MatSciML paper's Table 1.
+
+Each row names its data set (as ingested), its target column, how it is learned and how it is
+scored. Targets are typed here once, never guessed per sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from matsci_ray import keys as K
+
+TaskKind = Literal["regression", "forces", "binary", "multiclass"]
+Metric = Literal["mse", "mae", "accuracy"]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    dataset: str
+    target: str
+    kind: TaskKind
+    metric: Metric
+    unit: str
+    description: str
+
+    @property
+    def extensive(self) -> bool:
+        """Predicted as a sum over atoms plus per-element reference energies."""
+        return self.kind == "forces" or K.TARGETS[self.target].extensive
+
+    @property
+    def metric_name(self) -> str:
+        return f"{self.name}/{self.metric}"
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric == "accuracy"
+
+
+def _row(
+    name: str, dataset: str, target: str, kind: TaskKind, metric: Metric, doc: str
+) -> TaskSpec:
+    unit = K.TARGETS[target].unit
+    if metric == "mse" and unit:
+        unit = f"({unit})²"
+    return TaskSpec(name, dataset, target, kind, metric, unit, doc)
+
+
+TASKS: dict[str, TaskSpec] = {
+    t.name: t
+    for t in (
+        _row("s2ef-energy", "oc20-s2ef", K.ENERGY, "regression", "mse", "OC20 S2EF total energy"),
+        _row("s2ef-forces", "oc20-s2ef", K.FORCES, "forces", "mae", "OC20 S2EF forces, −∂E/∂r"),
+        _row(
+            "is2re",
+            "oc20-is2re",
+            K.RELAXED_ENERGY,
+            "regression",
+            "mse",
+            "OC20 IS2RE: relaxed energy from the initial structure",
+        ),
+        _row(
+            "mp-formation-energy",
+            "materials-project",
+            K.FORMATION_ENERGY,
+            "regression",
+            "mse",
+            "Materials Project formation energy per atom",
+        ),
+        _row("lips-energy", "lips", K.ENERGY, "regression", "mse", "LiPS total energy"),
+        _row(
+            "oqmd-formation-energy",
+            "oqmd",
+            K.FORMATION_ENERGY,
+            "regression",
+            "mse",
+            "OQMD formation energy per atom",
+        ),
+        _row(
+            "nomad-energy",
+            "nomad",
+            K.ENERGY,
+            "regression",
+            "mse",
+            "NOMAD total energy (NOMAD entries carry no formation energy)",
+        ),
+        _row(
+            "cmd-formation-energy",
+            "carolina-db",
+            K.FORMATION_ENERGY,
+            "regression",
+            "mse",
+            "Carolina Materials Database formation energy per atom",
+        ),
+        _row("lips-forces", "lips", K.FORCES, "forces", "mae", "LiPS forces, −∂E/∂r"),
+        _row(
+            "mp-band-gap",
+            "materials-project",
+            K.BAND_GAP,
+            "regression",
+            "mse",
+            "Materials Project band gap",
+        ),
+        _row(
+            "mp-fermi-energy",
+            "materials-project",
+            K.EFERMI,
+            "regression",
+            "mse",
+            "Materials Project Fermi energy",
+        ),
+        _row(
+            "mp-stability",
+            "materials-project",
+            K.IS_STABLE,
+            "binary",
+            "accuracy",
+            "Materials Project: on the convex hull",
+        ),
+        _row(
+            "mp-space-group",
+            "materials-project",
+            K.SPACE_GROUP,
+            "multiclass",
+            "accuracy",
+            "Materials Project space group (230 classes)",
+        ),
+    )
+}
+
+
+def get_task(name: str) -> TaskSpec:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose from: {', '.join(TASKS)}")
+    return TASKS[name]

@@ -1,0 +1,98 @@
+"""Versioned checkpoints: model weights (normalisers and reference energies included), the
+experiment config, optimiser and scheduler state. A checkpoint alone rebuilds the model and
+predicts in physical units.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from matsci_ray import __version__
+from matsci_ray.config import ExperimentConfig, dump_config
+from matsci_ray.data.schema import SCHEMA_VERSION
+from matsci_ray.models import build_encoder
+from matsci_ray.potential import MatSciModel
+from matsci_ray.tasks.registry import TASKS
+
+FORMAT_VERSION = 1
+FILENAME = "checkpoint.pt"
+
+
+def build_model(config: ExperimentConfig) -> MatSciModel:
+    encoder = build_encoder(config.model.name, config.data.cutoff, config.model.params)
+    return MatSciModel(encoder, [TASKS[t] for t in config.tasks], config.model.head_hidden)
+
+
+def save_checkpoint(
+    directory: Path,
+    model: MatSciModel,
+    config: ExperimentConfig,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    epoch: int = 0,
+    best: float | None = None,
+    stale: int = 0,
+    metrics: dict[str, float] | None = None,
+) -> Path:
+    path = Path(directory) / FILENAME
+    torch.save(
+        {
+            "format_version": FORMAT_VERSION,
+            "schema_version": SCHEMA_VERSION,
+            "matsci_ray_version": __version__,
+            "config": json.dumps(dump_config(config)),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "epoch": epoch,
+            "best": best,
+            "stale": stale,
+            "metrics": json.dumps(metrics or {}),
+        },
+        path,
+    )
+    return path
+
+
+def _read(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / FILENAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no checkpoint here")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a corrupt file
+        raise ValueError(f"{path}: not a readable matsci-ray checkpoint ({error})") from None
+    if state.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: checkpoint format {state.get('format_version')} is not {FORMAT_VERSION}"
+        )
+    return state
+
+
+def load_model(path: Path | str) -> tuple[MatSciModel, ExperimentConfig, dict[str, float]]:
+    """Model (eval mode), its config and the metrics recorded with it."""
+    state = _read(Path(path))
+    config = ExperimentConfig.model_validate(json.loads(state["config"]))
+    model = build_model(config)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return model, config, json.loads(state["metrics"])
+
+
+def load_training_state(
+    directory: Path, model: MatSciModel, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> tuple[int, float | None, int]:
+    """Restore in place; returns ``(next epoch, best score, epochs without gain)``."""
+    state = _read(directory)
+    model.load_state_dict(state["model"])
+    if state["optimizer"] is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    return int(state["epoch"]), state["best"], int(state["stale"])

@@ -1,0 +1,51 @@
+"""Score a checkpoint on a split of its data set, outside Ray Train (driver-side streaming)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from matsci_ray.graphs.batching import rows_to_pyg_batch
+from matsci_ray.tasks.registry import TASKS
+from matsci_ray.train.checkpoint import load_model
+from matsci_ray.train.loop import batch_targets
+from matsci_ray.train.metrics import MetricSums
+from matsci_ray.train.trainer import graph_dataset
+
+
+def evaluate_checkpoint(
+    checkpoint: Path | str, split: str = "test", data_root: Path | None = None
+) -> dict[str, float]:
+    """Metrics of every task of ``checkpoint`` on ``split`` (needs a running Ray)."""
+    model, config, _ = load_model(checkpoint)
+    if data_root is not None:
+        config.data.root = Path(data_root).resolve()
+    targets = batch_targets(model)
+    sums = MetricSums(model)
+    for dataset in config.datasets:
+        ds = graph_dataset(config, dataset, split)
+        for rows in ds.iter_batches(batch_size=config.data.batch_size, batch_format="numpy"):
+            batch = rows_to_pyg_batch(rows, targets)
+            with torch.set_grad_enabled(model.needs_forces):
+                preds = model(batch)
+            sums.update(preds, batch)
+    return sums.compute()
+
+
+def metric_table(metrics: dict[str, float], split: str) -> str:
+    """Markdown table: task, metric, value, unit."""
+    lines = [f"| task | metric ({split}) | value | unit |", "|---|---|---|---|"]
+    for key in sorted(metrics):
+        task_name, _, metric = key.partition("/")
+        if metric == "loss":
+            continue
+        task = TASKS.get(task_name)
+        unit = ""
+        if task is not None:
+            base = "eV" if metric == "energy_mse" else task.unit.strip("()²")
+            unit = (
+                f"({base})²" if "mse" in metric and base else (base if metric != "accuracy" else "")
+            )
+        lines.append(f"| {task_name} | {metric} | {metrics[key]:.6g} | {unit} |")
+    return "\n".join(lines)

@@ -1,0 +1,215 @@
+"""The per-worker training loop run by Ray Train's ``TorchTrainer`` (DDP: gloo on CPU, NCCL on GPU).
+
+Each epoch: stream this worker's shard of the graph dataset, step the optimiser, evaluate on
+this worker's validation shard (metrics all-reduced), write TensorBoard events and report
+metrics with a checkpoint. Restarts (``FailureConfig``) and ``--resume`` start from the last
+checkpoint's epoch with optimiser and scheduler state.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from matsci_ray.config import ExperimentConfig
+from matsci_ray.graphs.batching import rows_to_pyg_batch
+from matsci_ray.potential import MatSciModel
+from matsci_ray.train.checkpoint import build_model, load_training_state, save_checkpoint
+from matsci_ray.train.metrics import MetricSums, task_losses
+from matsci_ray.train.telemetry import Telemetry
+
+
+def batch_targets(model: MatSciModel) -> list[str]:
+    names: list[str] = []
+    for task in model.tasks.values():
+        names += ["energy", "forces"] if task.kind == "forces" else [task.target]
+    return list(dict.fromkeys(names))
+
+
+def _scheduler(
+    optimizer: torch.optim.Optimizer, config: ExperimentConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    total = max(config.optim.epochs * steps_per_epoch, 1)
+    warmup = config.optim.warmup_steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if config.optim.scheduler == "cosine":
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _maybe_fail(config: ExperimentConfig, epoch: int, rank: int) -> None:
+    """Testing hook: rank 0 dies (once per run directory) at ``run.fail_at_epoch``."""
+    if config.run.fail_at_epoch != epoch or rank != 0:
+        return
+    marker = config.run.storage / config.name / f".failed-at-{epoch}"
+    if not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        os._exit(1)
+
+
+def evaluate(
+    core: MatSciModel,
+    shard: Any,
+    config: ExperimentConfig,
+    device: torch.device,
+    targets: list[str],
+    rank: int,
+) -> dict[str, float]:
+    """Exact validation metrics: rank 0 scores the whole (unsplit) validation set and
+    broadcasts them, so no row is dropped to even out worker shards."""
+    metrics: list[dict[str, float] | None] = [None]
+    if rank == 0:
+        core.eval()
+        sums = MetricSums(core, distributed=False)
+        for rows in shard.iter_batches(batch_size=config.data.batch_size, batch_format="numpy"):
+            batch = rows_to_pyg_batch(rows, targets).to(device)
+            with torch.set_grad_enabled(core.needs_forces):
+                preds = core(batch)
+            sums.update(preds, batch)
+        metrics[0] = sums.compute()
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(metrics, src=0)
+    return metrics[0] or {}
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    config = ExperimentConfig.model_validate(loop_config["experiment"])
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    if config.run.threads_per_worker:
+        torch.set_num_threads(config.run.threads_per_worker)
+    torch.manual_seed(config.run.seed)
+    device = ray.train.torch.get_device()
+
+    core = build_model(config)
+    core.fit_normalisation(loop_config["summaries"])
+    optimizer = torch.optim.AdamW(
+        core.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay
+    )
+    scheduler = _scheduler(optimizer, config, loop_config["steps_per_epoch"])
+    start_epoch, best, stale = 0, None, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            start_epoch, best, stale = load_training_state(
+                Path(directory), core, optimizer, scheduler
+            )
+    model = ray.train.torch.prepare_model(core)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    targets = batch_targets(core)
+    telemetry = Telemetry(config, rank)
+    started = time.monotonic()
+
+    for epoch in range(start_epoch, config.optim.epochs):
+        _maybe_fail(config, epoch, rank)
+        model.train()
+        sums = MetricSums(core)
+        epoch_start = wait = time.monotonic()
+        waited, samples = 0.0, 0
+        for rows in train_shard.iter_batches(
+            batch_size=config.data.batch_size,
+            batch_format="numpy",
+            local_shuffle_buffer_size=config.data.shuffle_buffer or None,
+            prefetch_batches=2,
+        ):
+            batch = rows_to_pyg_batch(rows, targets).to(device)
+            waited += time.monotonic() - wait
+            preds = model(batch)
+            losses = task_losses(
+                core, preds, batch, config.loss.force_weight, config.loss.energy_weight
+            )
+            total = sum(config.loss.task_weights.get(k, 1.0) * v for k, v in losses.items())
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()  # type: ignore[union-attr]
+            if config.optim.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            for name, loss in losses.items():
+                sums.add_loss(name, float(loss), batch.num_graphs)
+            sums.update(preds, batch)
+            samples += batch.num_graphs
+            wait = time.monotonic()
+        elapsed = time.monotonic() - epoch_start
+        metrics = sums.compute("train/")
+        metrics.update(evaluate(core, val_shard, config, device, targets, rank))
+        metrics = {k if k.startswith("train/") else f"val/{k}": v for k, v in metrics.items()}
+        metrics.update(
+            {
+                "epoch": epoch + 1,
+                "lr": optimizer.param_groups[0]["lr"],
+                "train/samples_per_s": samples * ctx.get_world_size() / max(elapsed, 1e-9),
+                "train/data_wait_fraction": waited / max(elapsed, 1e-9),
+            }
+        )
+        best, stale = _early_stopping(config, metrics, best, stale)
+        metrics["best_score"] = best
+        telemetry.log(metrics, epoch + 1)
+        _report(config, core, optimizer, scheduler, metrics, epoch + 1, best, stale, rank)
+        out_of_time = (
+            config.optim.max_minutes is not None
+            and time.monotonic() - started > 60 * config.optim.max_minutes
+        )
+        patience = config.optim.early_stopping_patience
+        if out_of_time or (patience is not None and stale >= patience):
+            break
+    telemetry.close()
+
+
+def primary_metric(config: ExperimentConfig) -> tuple[str, bool]:
+    """``(metric key, higher is better)`` of the first task: what early stopping watches."""
+    from matsci_ray.tasks.registry import TASKS
+
+    task = TASKS[config.tasks[0]]
+    return f"val/{task.metric_name}", task.higher_is_better
+
+
+def _early_stopping(
+    config: ExperimentConfig, metrics: dict[str, float], best: float | None, stale: int
+) -> tuple[float | None, int]:
+    key, higher = primary_metric(config)
+    score = metrics.get(key, float("nan"))
+    if math.isnan(score):
+        return best, stale
+    if best is None or (score > best if higher else score < best):
+        return score, 0
+    return best, stale + 1
+
+
+def _report(
+    config: ExperimentConfig,
+    core: MatSciModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    metrics: dict[str, float],
+    epoch: int,
+    best: float | None,
+    stale: int,
+    rank: int,
+) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = None
+        if rank == 0:
+            save_checkpoint(
+                Path(directory), core, config, optimizer, scheduler, epoch, best, stale, metrics
+            )
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(metrics, checkpoint=checkpoint)

@@ -1,0 +1,82 @@
+"""Where training numbers go besides ``ray.train.report``: TensorBoard event files and
+``history.jsonl`` (rank 0, one line per epoch), and Ray's metrics export
+(``ray.util.metrics``, scraped by Prometheus for Grafana)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from matsci_ray.config import ExperimentConfig
+
+# Gauges exported per worker; names are the ones the Grafana dashboards query.
+_GAUGES = {
+    "train/samples_per_s": "matsci_ray_samples_per_second",
+    "train/data_wait_fraction": "matsci_ray_data_wait_fraction",
+    "epoch": "matsci_ray_epoch",
+}
+
+
+HISTORY = "history.jsonl"
+
+
+def read_history(run_dir: Path) -> list[dict[str, float]]:
+    """Per-epoch metrics of a run, the last report of each epoch (restarts repeat epochs)."""
+    path = Path(run_dir) / HISTORY
+    if not path.exists():
+        return []
+    by_epoch = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        by_epoch[row["epoch"]] = row
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+class Telemetry:
+    def __init__(self, config: ExperimentConfig, rank: int) -> None:
+        self.rank = rank
+        self.writer = None
+        self.history: Path | None = None
+        if rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            run_dir = config.run.storage / config.name
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            self.history = run_dir / HISTORY
+        self.tags = {"experiment": config.name}
+        self._gauges: dict[str, object] = {}
+        self._metric_gauge = None
+        try:
+            from ray.util.metrics import Gauge
+
+            for key, name in _GAUGES.items():
+                self._gauges[key] = Gauge(name, description=key, tag_keys=("experiment",))
+            self._metric_gauge = Gauge(
+                "matsci_ray_metric",
+                description="loss and metric per task",
+                tag_keys=("experiment", "name"),
+            )
+        except Exception:  # outside a Ray worker: TensorBoard only
+            self._gauges = {}
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for key, value in metrics.items():
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                continue
+            if self.writer is not None:
+                self.writer.add_scalar(key, value, step)
+            gauge = self._gauges.get(key)
+            if gauge is not None:
+                gauge.set(value, tags=self.tags)  # type: ignore[attr-defined]
+            elif self._metric_gauge is not None and self.rank == 0:
+                self._metric_gauge.set(value, tags={**self.tags, "name": key})
+        if self.writer is not None:
+            self.writer.flush()
+        if self.history is not None:  # learning curves for reports, one JSON line per epoch
+            with self.history.open("a") as fh:
+                fh.write(json.dumps({**metrics, "epoch": step}) + "\n")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,96 @@
+"""Build the Ray Train ``TorchTrainer`` for an experiment: graph datasets, scaling, failures.
+
+Graphs are built inside the Ray Data stream (``map_batches``), so neighbour search runs on the
+cluster's CPUs in parallel with training, and each worker only collates its own shard.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import ray.data
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from matsci_ray import keys as K
+from matsci_ray.config import ExperimentConfig, dump_config
+from matsci_ray.data.dataset import open_dataset
+from matsci_ray.data.manifest import read_manifest
+from matsci_ray.graphs.batching import RadiusGraphTransform
+from matsci_ray.tasks.registry import TASKS
+from matsci_ray.train.loop import train_loop_per_worker
+
+GEOMETRY = [K.DATASET, K.SAMPLE_ID, K.ATOMIC_NUMBERS, K.POSITIONS, K.CELL, K.PBC, K.NATOMS]
+
+
+def needed_columns(config: ExperimentConfig) -> list[str]:
+    columns = list(GEOMETRY)
+    for name in config.tasks:
+        task = TASKS[name]
+        columns += [K.ENERGY, K.FORCES] if task.kind == "forces" else [task.target]
+    return list(dict.fromkeys(columns))
+
+
+def graph_dataset(config: ExperimentConfig, dataset: str, split: str) -> ray.data.Dataset:
+    """Rows of ``dataset``/``split`` with radius-graph columns added in the stream."""
+    ds = open_dataset(config.data.root, dataset, split, columns=needed_columns(config))
+    transform = RadiusGraphTransform(config.data.cutoff, config.data.max_neighbors)
+    # pyarrow in and out: the numpy format would pickle nested list columns on the way back
+    return ds.map_batches(transform, batch_format="pyarrow", batch_size=64)
+
+
+def train_summaries(config: ExperimentConfig) -> dict[str, dict[str, Any]]:
+    """Train-split statistics of each data set: the heads' normalisers."""
+    summaries = {}
+    for name in config.datasets:
+        splits = read_manifest(config.data.root, name)["splits"]
+        if "train" not in splits:
+            raise ValueError(f"{config.data.root}/{name}: no train split to normalise with")
+        summaries[name] = splits["train"]
+    return summaries
+
+
+def build_trainer(config: ExperimentConfig, resume_from: Path | None = None) -> TorchTrainer:
+    ray.data.DataContext.get_current().enable_progress_bars = False  # per-epoch noise in logs
+    if len(config.datasets) != 1:
+        raise ValueError("single-task training uses one data set; use jobs/multi_data.py")
+    dataset = config.datasets[0]
+    summaries = train_summaries(config)
+    train = graph_dataset(config, dataset, "train")
+    train_rows = summaries[dataset]["records"]
+    if config.data.max_train_samples:
+        train = train.limit(config.data.max_train_samples)
+        train_rows = min(train_rows, config.data.max_train_samples)
+    datasets = {"train": train, "val": graph_dataset(config, dataset, config.data.val_split)}
+    steps = math.ceil(train_rows / (config.data.batch_size * config.run.num_workers))
+    resources = {"CPU": config.run.cpus_per_worker}
+    if config.run.use_gpu:
+        resources["GPU"] = 1
+    checkpoint = None
+    if resume_from is not None:
+        checkpoint = ray.train.Checkpoint.from_directory(str(Path(resume_from).resolve()))
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "experiment": dump_config(config),
+            "summaries": summaries,
+            "steps_per_epoch": steps,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.run.num_workers,
+            use_gpu=config.run.use_gpu,
+            resources_per_worker=resources,
+        ),
+        run_config=ray.train.RunConfig(
+            name=config.name,
+            storage_path=str(config.run.storage),
+            failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets=datasets,
+        # validation is scored whole on rank 0 (see loop.evaluate): only train is split
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        resume_from_checkpoint=checkpoint,
+    )
