@@ -7,7 +7,7 @@ Relative paths are resolved against the working directory of the command that lo
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -19,6 +19,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
 
 
+_M = TypeVar("_M", bound=BaseModel)
+
+
 class DataConfig(_Strict):
     root: Path = Field(description="ingest output directory (holds <dataset>/manifest.json)")
     cutoff: float = Field(6.0, gt=0, description="neighbour cutoff, Å")
@@ -27,6 +30,16 @@ class DataConfig(_Strict):
     shuffle_buffer: int = Field(1024, ge=0, description="rows in the local shuffle buffer")
     val_split: Literal["val", "test"] = "val"
     max_train_samples: int | None = Field(None, gt=0, description="cap per epoch (smoke runs)")
+    task_cpus: float = Field(
+        0.5,
+        gt=0,
+        description="CPUs per Ray Data read/graph task (fractional keeps small "
+        "machines from starving the stream when trainers and trials hold part of a CPU)",
+    )
+    mix: Literal["proportional", "uniform", "temperature"] = Field(
+        "proportional", description="how several data sets are interleaved"
+    )
+    mix_temperature: float = Field(2.0, gt=0, description="T of n_i^(1/T) mixing weights")
 
 
 class ModelConfig(_Strict):
@@ -93,9 +106,7 @@ class ConfigError(ValueError):
     """A config file that does not parse or validate; the message names the file and field."""
 
 
-def load_config(path: Path | str, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
-    """Read and validate a YAML config; ``overrides`` are dotted keys (``optim.lr``)."""
-    path = Path(path)
+def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
@@ -104,23 +115,91 @@ def load_config(path: Path | str, overrides: dict[str, Any] | None = None) -> Ex
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    return raw
+
+
+def _validate(model: type[_M], raw: dict[str, Any], path: Path) -> _M:
+    try:
+        return model.model_validate(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"{path}: {where}: {first['msg']}") from None
+
+
+def _resolve_paths(config: ExperimentConfig) -> None:
+    config.data.root = config.data.root.resolve()
+    config.run.storage = config.run.storage.resolve()
+
+
+def load_config(path: Path | str, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read and validate a YAML config; ``overrides`` are dotted keys (``optim.lr``)."""
+    path = Path(path)
+    raw = _read_yaml(path)
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
-    try:
-        config = ExperimentConfig.model_validate(raw)
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"{path}: {where}: {first['msg']}") from None
-    config.data.root = config.data.root.resolve()
-    config.run.storage = config.run.storage.resolve()
+    config = _validate(ExperimentConfig, raw, path)
+    _resolve_paths(config)
     return config
 
 
 def dump_config(config: ExperimentConfig) -> dict[str, Any]:
     """JSON-able form stored in checkpoints and reports."""
     return config.model_dump(mode="json")
+
+
+# --- studies: families of experiments run as Ray Tune experiments --------------------------
+
+ModelName = Literal["egnn", "megnet", "gala"]
+
+
+class SweepConfig(_Strict):
+    """Optuna search with ASHA early stopping over learning rate, width, depth and cutoff."""
+
+    num_samples: int = Field(8, gt=0)
+    lr: tuple[float, float] = (1e-4, 3e-3)
+    width: list[int] = Field(default_factory=lambda: [64, 128, 256])
+    depth: list[int] = Field(default_factory=lambda: [2, 3, 4])
+    cutoff: tuple[float, float] = (4.0, 7.0)
+    grace_period: int = Field(1, gt=0, description="epochs before ASHA may stop a trial")
+    reduction_factor: int = Field(2, gt=1)
+
+
+class StudyConfig(_Strict):
+    """A family of experiments (the paper's Tables 3–5, or a sweep) over one base config.
+
+    ``base`` is a full experiment; each trial replaces its tasks, model and loss combination.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    family: Literal["single-task", "task-pair", "dataset-pair", "sweep"]
+    base: ExperimentConfig
+    models: list[ModelName] = Field(default_factory=lambda: ["egnn"], min_length=1)
+    tasks: list[str] | None = Field(None, description="single-task: rows (default: all 13)")
+    task_pairs: list[tuple[str, str]] | None = Field(None, description="default: MP pairs")
+    combine: list[Literal["additive", "pcgrad"]] = Field(
+        default_factory=lambda: ["additive", "pcgrad"]
+    )
+    dataset_pairs: list[tuple[str, str]] | None = Field(None, description="default: 4 pairs")
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+    max_concurrent_trials: int = Field(1, gt=0)
+
+    @field_validator("tasks")
+    @classmethod
+    def _known(cls, tasks: list[str] | None) -> list[str] | None:
+        unknown = [t for t in tasks or [] if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; choose from {sorted(TASKS)}")
+        return tasks
+
+
+def load_study(path: Path | str) -> StudyConfig:
+    """Read and validate a study YAML (``base`` is an experiment config)."""
+    path = Path(path)
+    study = _validate(StudyConfig, _read_yaml(path), path)
+    _resolve_paths(study.base)
+    return study

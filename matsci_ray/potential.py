@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from matsci_ray.models.base import Encoder
-from matsci_ray.tasks.heads import Head, build_head
+from matsci_ray.tasks.heads import Head, build_head, target_mask
 from matsci_ray.tasks.registry import TaskSpec
 
 Predictions = dict[str, dict[str, Tensor]]
@@ -23,6 +23,7 @@ class MatSciModel(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.tasks = {t.name: t for t in tasks}
+        self.datasets = list(dict.fromkeys(t.dataset for t in tasks))
         self.heads = nn.ModuleDict(
             {t.name: build_head(t, encoder.node_dim, encoder.graph_dim, head_hidden) for t in tasks}
         )
@@ -35,6 +36,15 @@ class MatSciModel(nn.Module):
         """``summaries``: data set name → its manifest's train-split summary."""
         for name, head in self.heads.items():
             head.fit_normalisation(summaries[self.tasks[name].dataset])
+
+    def mask(self, batch: Any, name: str, target: str) -> Tensor:
+        """Structures a task scores: they carry ``target`` and come from the task's data set
+        (``batch.dataset_index``, set by training collation; absent at inference)."""
+        mask = target_mask(batch, target, batch.num_graphs)
+        index = getattr(batch, "dataset_index", None)
+        if index is not None and len(self.datasets) > 1:
+            mask = mask & (index == self.datasets.index(self.tasks[name].dataset))
+        return mask
 
     def head(self, name: str) -> Head:
         return self.heads[name]  # type: ignore[return-value]

@@ -222,8 +222,11 @@ def test_killed_ingest_resumes_to_identical_output(samples: Path, tmp_path: Path
     ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     log = (tmp_path / "ingest.log").open("w")
     proc = subprocess.Popen(
-        cmd, env={**os.environ, "RAY_TMPDIR": ray_tmp}, start_new_session=True,
-        stdout=log, stderr=subprocess.STDOUT,
+        cmd,
+        env={**os.environ, "RAY_TMPDIR": ray_tmp},
+        start_new_session=True,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     units_dir = killed / "oc20-s2ef" / "_units"
     deadline = time.time() + 180

@@ -24,13 +24,21 @@ def shard_paths(root: Path | str, dataset: str, split: str) -> list[str]:
 
 
 def open_dataset(
-    root: Path | str, dataset: str, split: str, columns: list[str] | None = None
+    root: Path | str,
+    dataset: str,
+    split: str,
+    columns: list[str] | None = None,
+    num_cpus: float | None = None,
 ) -> ray.data.Dataset:
-    """Stream the ``split`` shards of ``dataset`` as a Ray Dataset (nothing is loaded eagerly)."""
+    """Stream the ``split`` shards of ``dataset`` as a Ray Dataset (nothing is loaded eagerly).
+
+    ``num_cpus`` is what each read task asks of the scheduler (default: Ray's, one CPU).
+    """
     paths = shard_paths(root, dataset, split)
     if not paths:
         raise ValueError(f"{root}/{dataset}: no records in split {split!r}")
-    return ray.data.read_parquet(paths, columns=columns)
+    remote_args = {"num_cpus": num_cpus} if num_cpus is not None else None
+    return ray.data.read_parquet(paths, columns=columns, ray_remote_args=remote_args)
 
 
 def open_datasets(

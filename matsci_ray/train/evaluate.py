@@ -6,10 +6,9 @@ from pathlib import Path
 
 import torch
 
-from matsci_ray.graphs.batching import rows_to_pyg_batch
 from matsci_ray.tasks.registry import TASKS
 from matsci_ray.train.checkpoint import load_model
-from matsci_ray.train.loop import batch_targets
+from matsci_ray.train.loop import batch_targets, collate
 from matsci_ray.train.metrics import MetricSums
 from matsci_ray.train.trainer import graph_dataset
 
@@ -26,7 +25,7 @@ def evaluate_checkpoint(
     for dataset in config.datasets:
         ds = graph_dataset(config, dataset, split)
         for rows in ds.iter_batches(batch_size=config.data.batch_size, batch_format="numpy"):
-            batch = rows_to_pyg_batch(rows, targets)
+            batch = collate(rows, targets, model.datasets)
             with torch.set_grad_enabled(model.needs_forces):
                 preds = model(batch)
             sums.update(preds, batch)

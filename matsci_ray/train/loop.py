@@ -12,9 +12,11 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -22,10 +24,12 @@ import torch.distributed as dist
 from torch import nn
 
 from matsci_ray.config import ExperimentConfig
+from matsci_ray.data.mixing import MixedBatches, epoch_batches, mixture_weights
 from matsci_ray.graphs.batching import rows_to_pyg_batch
 from matsci_ray.potential import MatSciModel
 from matsci_ray.train.checkpoint import build_model, load_training_state, save_checkpoint
 from matsci_ray.train.metrics import MetricSums, task_losses
+from matsci_ray.train.pcgrad import pcgrad_backward
 from matsci_ray.train.telemetry import Telemetry
 
 
@@ -64,35 +68,118 @@ def _maybe_fail(config: ExperimentConfig, epoch: int, rank: int) -> None:
         os._exit(1)
 
 
+def collate(rows: dict[str, Any], targets: list[str], datasets: list[str]) -> Any:
+    """PyG batch plus ``dataset_index`` (B,): which of ``datasets`` each structure came from,
+    so a head scores only its own data set's structures."""
+    batch = rows_to_pyg_batch(rows, targets)
+    names = np.asarray(rows["dataset"]).astype(str)
+    lookup = {name: k for k, name in enumerate(datasets)}
+    batch.dataset_index = torch.as_tensor([lookup.get(n, -1) for n in names], dtype=torch.long)
+    return batch
+
+
 def evaluate(
     core: MatSciModel,
-    shard: Any,
+    shards: dict[str, Any],
     config: ExperimentConfig,
     device: torch.device,
     targets: list[str],
     rank: int,
 ) -> dict[str, float]:
-    """Exact validation metrics: rank 0 scores the whole (unsplit) validation set and
-    broadcasts them, so no row is dropped to even out worker shards."""
+    """Exact validation metrics: rank 0 scores every (unsplit) validation set and broadcasts
+    them, so no row is dropped to even out worker shards."""
     metrics: list[dict[str, float] | None] = [None]
     if rank == 0:
         core.eval()
         sums = MetricSums(core, distributed=False)
-        for rows in shard.iter_batches(batch_size=config.data.batch_size, batch_format="numpy"):
-            batch = rows_to_pyg_batch(rows, targets).to(device)
-            with torch.set_grad_enabled(core.needs_forces):
-                preds = core(batch)
-            sums.update(preds, batch)
+        for shard in shards.values():
+            for rows in shard.iter_batches(batch_size=config.data.batch_size, batch_format="numpy"):
+                batch = collate(rows, targets, core.datasets).to(device)
+                with torch.set_grad_enabled(core.needs_forces):
+                    preds = core(batch)
+                sums.update(preds, batch)
         metrics[0] = sums.compute()
     if dist.is_available() and dist.is_initialized():
         dist.broadcast_object_list(metrics, src=0)
     return metrics[0] or {}
 
 
+def train_batches(
+    config: ExperimentConfig, shards: dict[str, Any], sizes: dict[str, int], world_size: int
+) -> Iterator[dict[str, Any]]:
+    """One epoch of row batches: a single data set streams directly; several are interleaved
+    by the mixing schedule so that no data set starves."""
+
+    def passes(shard: Any) -> Callable[[], Iterator[dict[str, Any]]]:
+        return lambda: iter(
+            shard.iter_batches(
+                batch_size=config.data.batch_size,
+                batch_format="numpy",
+                local_shuffle_buffer_size=config.data.shuffle_buffer or None,
+                prefetch_batches=2,
+            )
+        )
+
+    if len(shards) == 1:
+        return passes(next(iter(shards.values())))()
+    weights = mixture_weights(sizes, config.data.mix, config.data.mix_temperature)
+    return iter(
+        MixedBatches(
+            {name: passes(shard) for name, shard in shards.items()},
+            weights,
+            config.data.batch_size,
+            epoch_batches(sizes, config.data.batch_size, world_size),
+        )
+    )
+
+
+class Stepper:
+    """One optimiser step: losses added with weights (DDP), or combined by PCGrad."""
+
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        core: MatSciModel,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+    ) -> None:
+        self.config, self.core, self.model, self.optimizer = config, core, model, optimizer
+        self.shared = list(core.encoder.parameters())
+        self.specific = list(core.heads.parameters())
+        self.steps = 0
+
+    def __call__(self, losses: dict[str, torch.Tensor]) -> None:
+        weights = self.config.loss.task_weights
+        weighted = [weights.get(name, 1.0) * loss for name, loss in losses.items()]
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.config.loss.combine == "pcgrad" and len(weighted) > 1:
+            # identical seed on every worker: the same projection order, the same update
+            generator = torch.Generator().manual_seed(self.config.run.seed + self.steps)
+            pcgrad_backward(weighted, self.shared, self.specific, generator)
+        else:
+            torch.stack(weighted).sum().backward()
+        if self.config.optim.grad_clip:
+            nn.utils.clip_grad_norm_(self.core.parameters(), self.config.optim.grad_clip)
+        self.optimizer.step()
+        self.steps += 1
+
+
+def _prepare(core: MatSciModel, config: ExperimentConfig) -> nn.Module:
+    """DDP for additive losses; PCGrad all-reduces per-task gradients itself, so its model is
+    not wrapped, and rank 0's initial weights are broadcast instead."""
+    if config.loss.combine != "pcgrad":
+        return ray.train.torch.prepare_model(core)
+    model = ray.train.torch.prepare_model(core, parallel_strategy=None)
+    if dist.is_available() and dist.is_initialized():
+        for tensor in core.state_dict().values():
+            dist.broadcast(tensor, src=0)
+    return model
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     config = ExperimentConfig.model_validate(loop_config["experiment"])
     ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if config.run.threads_per_worker:
         torch.set_num_threads(config.run.threads_per_worker)
     torch.manual_seed(config.run.seed)
@@ -111,10 +198,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             start_epoch, best, stale = load_training_state(
                 Path(directory), core, optimizer, scheduler
             )
-    model = ray.train.torch.prepare_model(core)
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    model = _prepare(core, config)
+    train_shards = {d: ray.train.get_dataset_shard(f"train:{d}") for d in core.datasets}
+    val_shards = {d: ray.train.get_dataset_shard(f"val:{d}") for d in core.datasets}
+    sizes = {d: loop_config["summaries"][d]["records"] for d in core.datasets}
     targets = batch_targets(core)
+    step = Stepper(config, core, model, optimizer)
     telemetry = Telemetry(config, rank)
     started = time.monotonic()
 
@@ -124,24 +213,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         sums = MetricSums(core)
         epoch_start = wait = time.monotonic()
         waited, samples = 0.0, 0
-        for rows in train_shard.iter_batches(
-            batch_size=config.data.batch_size,
-            batch_format="numpy",
-            local_shuffle_buffer_size=config.data.shuffle_buffer or None,
-            prefetch_batches=2,
-        ):
-            batch = rows_to_pyg_batch(rows, targets).to(device)
+        for rows in train_batches(config, train_shards, sizes, world):
+            batch = collate(rows, targets, core.datasets).to(device)
             waited += time.monotonic() - wait
             preds = model(batch)
             losses = task_losses(
                 core, preds, batch, config.loss.force_weight, config.loss.energy_weight
             )
-            total = sum(config.loss.task_weights.get(k, 1.0) * v for k, v in losses.items())
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()  # type: ignore[union-attr]
-            if config.optim.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-            optimizer.step()
+            step(losses)
             scheduler.step()
             for name, loss in losses.items():
                 sums.add_loss(name, float(loss), batch.num_graphs)
@@ -150,13 +229,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             wait = time.monotonic()
         elapsed = time.monotonic() - epoch_start
         metrics = sums.compute("train/")
-        metrics.update(evaluate(core, val_shard, config, device, targets, rank))
-        metrics = {k if k.startswith("train/") else f"val/{k}": v for k, v in metrics.items()}
+        metrics.update(
+            {
+                f"val/{k}": v
+                for k, v in evaluate(core, val_shards, config, device, targets, rank).items()
+            }
+        )
         metrics.update(
             {
                 "epoch": epoch + 1,
                 "lr": optimizer.param_groups[0]["lr"],
-                "train/samples_per_s": samples * ctx.get_world_size() / max(elapsed, 1e-9),
+                "train/samples_per_s": samples * world / max(elapsed, 1e-9),
                 "train/data_wait_fraction": waited / max(elapsed, 1e-9),
             }
         )

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from matsci_ray.keys import ENERGY, FORCES
 from matsci_ray.potential import MatSciModel, Predictions
-from matsci_ray.tasks.heads import ClassHead, EnergyHead, target_mask
+from matsci_ray.tasks.heads import ClassHead, EnergyHead
 
 
 def _masked(tensor: Tensor, mask: Tensor) -> Tensor:
@@ -32,7 +32,7 @@ def task_losses(
         value = preds[name]["value"]
         if task.kind == "forces":
             assert isinstance(head, EnergyHead)
-            mask = target_mask(batch, ENERGY, batch.num_graphs)
+            mask = model.mask(batch, name, ENERGY)
             atom_mask = mask[batch.batch]
             e_loss = head.loss(
                 _masked(value, mask),
@@ -44,7 +44,7 @@ def task_losses(
             )
             loss = energy_weight * e_loss + force_weight * f_loss
         else:
-            mask = target_mask(batch, task.target, batch.num_graphs)
+            mask = model.mask(batch, name, task.target)
             pred, target = _masked(value, mask), _masked(batch[task.target], mask)
             if isinstance(head, EnergyHead):
                 loss = head.loss(pred, target, _masked(batch.natoms, mask).to(value.dtype))
@@ -74,7 +74,7 @@ class MetricSums:
         for name, task in self.model.tasks.items():
             value = preds[name]["value"].detach()
             target_name = ENERGY if task.kind == "forces" else task.target
-            mask = target_mask(batch, target_name, batch.num_graphs)
+            mask = self.model.mask(batch, name, target_name)
             pred, target = value[mask], batch[target_name][mask]
             n = int(mask.sum())
             if task.kind == "forces":

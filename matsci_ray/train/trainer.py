@@ -6,7 +6,6 @@ cluster's CPUs in parallel with training, and each worker only collates its own 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from matsci_ray import keys as K
 from matsci_ray.config import ExperimentConfig, dump_config
 from matsci_ray.data.dataset import open_dataset
 from matsci_ray.data.manifest import read_manifest
+from matsci_ray.data.mixing import epoch_batches
 from matsci_ray.graphs.batching import RadiusGraphTransform
 from matsci_ray.tasks.registry import TASKS
 from matsci_ray.train.loop import train_loop_per_worker
@@ -35,10 +35,11 @@ def needed_columns(config: ExperimentConfig) -> list[str]:
 
 def graph_dataset(config: ExperimentConfig, dataset: str, split: str) -> ray.data.Dataset:
     """Rows of ``dataset``/``split`` with radius-graph columns added in the stream."""
-    ds = open_dataset(config.data.root, dataset, split, columns=needed_columns(config))
+    cpus = config.data.task_cpus
+    ds = open_dataset(config.data.root, dataset, split, needed_columns(config), num_cpus=cpus)
     transform = RadiusGraphTransform(config.data.cutoff, config.data.max_neighbors)
     # pyarrow in and out: the numpy format would pickle nested list columns on the way back
-    return ds.map_batches(transform, batch_format="pyarrow", batch_size=64)
+    return ds.map_batches(transform, batch_format="pyarrow", batch_size=64, num_cpus=cpus)
 
 
 def train_summaries(config: ExperimentConfig) -> dict[str, dict[str, Any]]:
@@ -52,19 +53,28 @@ def train_summaries(config: ExperimentConfig) -> dict[str, dict[str, Any]]:
     return summaries
 
 
-def build_trainer(config: ExperimentConfig, resume_from: Path | None = None) -> TorchTrainer:
-    ray.data.DataContext.get_current().enable_progress_bars = False  # per-epoch noise in logs
-    if len(config.datasets) != 1:
-        raise ValueError("single-task training uses one data set; use jobs/multi_data.py")
-    dataset = config.datasets[0]
+def build_trainer(
+    config: ExperimentConfig,
+    resume_from: Path | None = None,
+    callbacks: list[Any] | None = None,
+) -> TorchTrainer:
+    """The trainer of ``config``: one data set (single- or multi-task) or several (multi-data,
+    interleaved by ``data.mix``). ``callbacks`` are Ray Train callbacks (Tune's reporter)."""
+    ray.data.DataContext.get_current().enable_progress_bars = False  # per-epoch log noise
     summaries = train_summaries(config)
-    train = graph_dataset(config, dataset, "train")
-    train_rows = summaries[dataset]["records"]
-    if config.data.max_train_samples:
-        train = train.limit(config.data.max_train_samples)
-        train_rows = min(train_rows, config.data.max_train_samples)
-    datasets = {"train": train, "val": graph_dataset(config, dataset, config.data.val_split)}
-    steps = math.ceil(train_rows / (config.data.batch_size * config.run.num_workers))
+    datasets: dict[str, ray.data.Dataset] = {}
+    sizes: dict[str, int] = {}
+    for name in config.datasets:
+        train = graph_dataset(config, name, "train")
+        count = summaries[name]["records"]
+        if config.data.max_train_samples:
+            train = train.limit(config.data.max_train_samples)
+            count = min(count, config.data.max_train_samples)
+            summaries[name] = {**summaries[name], "records": count}
+        datasets[f"train:{name}"] = train
+        datasets[f"val:{name}"] = graph_dataset(config, name, config.data.val_split)
+        sizes[name] = count
+    steps = epoch_batches(sizes, config.data.batch_size, config.run.num_workers)
     resources = {"CPU": config.run.cpus_per_worker}
     if config.run.use_gpu:
         resources["GPU"] = 1
@@ -88,9 +98,12 @@ def build_trainer(config: ExperimentConfig, resume_from: Path | None = None) -> 
             storage_path=str(config.run.storage),
             failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
         ),
         datasets=datasets,
         # validation is scored whole on rank 0 (see loop.evaluate): only train is split
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=[k for k in datasets if k.startswith("train:")]
+        ),
         resume_from_checkpoint=checkpoint,
     )
