@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from importlib import import_module
 
 # verb modules, in the order `--help` lists them
-VERBS = ("demo", "ingest", "download", "train", "evaluate", "predict")
+VERBS = ("demo", "ingest", "download", "train", "evaluate", "predict", "study", "report")
 
 
 class UserError(Exception):
