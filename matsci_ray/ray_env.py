@@ -33,6 +33,12 @@ def init_ray(
         "dashboard_host": "127.0.0.1",
         "log_to_driver": True,
     }
+    # Ray kills idle workers beyond this limit (default: the CPU count, which Ray Train's own
+    # actors exceed on a small node), so every Ray Data execution re-spawned workers that
+    # re-import torch: a ~5 s stall per epoch (benchmarks/README.md). Keep them alive.
+    kwargs["_system_config"] = {
+        "num_workers_soft_limit": max(16, 4 * (num_cpus or os.cpu_count() or 1))
+    }
     if temp_dir is not None:
         kwargs["_temp_dir"] = str(Path(temp_dir).resolve())
     return ray.init(**kwargs).dashboard_url or None
