@@ -15,24 +15,17 @@ computing the same material never straddle splits.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
 from matsci_ray import keys
-from matsci_ray.data.readers.base import SourceReader
+from matsci_ray.data.readers.lmdb_dict import LMDBDictReader
 from matsci_ray.data.readers.lmdb_source import (
-    DEFAULT_CHUNK_SIZE,
     RecordRejected,
-    iter_lmdb,
     optional_float,
     optional_int,
-    plan_lmdb,
-    sample_prefix,
 )
-from matsci_ray.data.record import Record, Reject, WorkUnit
 
 METRE_TO_ANGSTROM = 1e10
 JOULE_TO_EV = 1.0 / 1.602176634e-19
@@ -143,10 +136,9 @@ def convert_nomad(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-class NomadReader(SourceReader):
+class NomadReader(LMDBDictReader):
     name: ClassVar[str] = "nomad"
     dataset: ClassVar[str] = "nomad"
-    suffixes: ClassVar[tuple[str, ...]] = (".lmdb",)
     targets: ClassVar[tuple[str, ...]] = (
         keys.ENERGY,
         keys.EFERMI,
@@ -154,24 +146,4 @@ class NomadReader(SourceReader):
         keys.SPACE_GROUP,
     )
 
-    def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
-        self.chunk_size = chunk_size
-
-    def plan(self, file: Path) -> list[WorkUnit]:
-        return plan_lmdb(self.name, file, self.chunk_size)
-
-    def read(self, unit: WorkUnit) -> Iterator[Record | Reject]:
-        prefix = sample_prefix(unit.file)
-        for key, record in iter_lmdb(unit):
-            try:
-                fields = convert_nomad(record)
-            except RecordRejected as exc:
-                yield Reject(unit.file, key, str(exc))
-                continue
-            yield Record(
-                dataset=self.dataset,
-                sample_id=f"{prefix}:{key}",
-                source_file=unit.file,
-                source_key=key,
-                **fields,
-            )
+    convert = staticmethod(convert_nomad)

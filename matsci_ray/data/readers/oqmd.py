@@ -13,24 +13,17 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
 from matsci_ray import keys
-from matsci_ray.data.readers.base import SourceReader
+from matsci_ray.data.readers.lmdb_dict import LMDBDictReader
 from matsci_ray.data.readers.lmdb_source import (
-    DEFAULT_CHUNK_SIZE,
     RecordRejected,
-    iter_lmdb,
     optional_float,
-    plan_lmdb,
     resolve_coordinates,
-    sample_prefix,
 )
-from matsci_ray.data.record import Record, Reject, WorkUnit
 
 _VOLUME_RTOL = 1e-3  # OQMD rounds volume to 3 decimals
 # Pre-2002 symbols (the "e" glide was written a/b) that pymatgen's tables lack.
@@ -144,30 +137,9 @@ def convert_oqmd(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-class OQMDReader(SourceReader):
+class OQMDReader(LMDBDictReader):
     name: ClassVar[str] = "oqmd"
     dataset: ClassVar[str] = "oqmd"
-    suffixes: ClassVar[tuple[str, ...]] = (".lmdb",)
     targets: ClassVar[tuple[str, ...]] = (keys.FORMATION_ENERGY, keys.BAND_GAP, keys.SPACE_GROUP)
 
-    def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
-        self.chunk_size = chunk_size
-
-    def plan(self, file: Path) -> list[WorkUnit]:
-        return plan_lmdb(self.name, file, self.chunk_size)
-
-    def read(self, unit: WorkUnit) -> Iterator[Record | Reject]:
-        prefix = sample_prefix(unit.file)
-        for key, record in iter_lmdb(unit):
-            try:
-                fields = convert_oqmd(record)
-            except RecordRejected as exc:
-                yield Reject(unit.file, key, str(exc))
-                continue
-            yield Record(
-                dataset=self.dataset,
-                sample_id=f"{prefix}:{key}",
-                source_file=unit.file,
-                source_key=key,
-                **fields,
-            )
+    convert = staticmethod(convert_oqmd)
