@@ -14,12 +14,15 @@ def init_ray(
     num_cpus: int | None = None,
     num_gpus: int | None = None,
     temp_dir: Path | None = None,
-    include_dashboard: bool = False,
+    include_dashboard: bool = True,
+    metrics_export_port: int | None = None,
 ) -> str | None:
     """Join ``address`` (or ``RAY_ADDRESS``), else start a local Ray in-process.
 
     Returns the dashboard URL when one is running. A local Ray binds its dashboard to
-    127.0.0.1 only; expose it deliberately (see README).
+    127.0.0.1 only; expose it deliberately (see README). Keep the dashboard: it serves the
+    State API, without which Ray Train's placement-group cleaner cannot tell that a stopped
+    Tune trial's trainer died, so its CPUs leak and the next trial never schedules.
     """
     if ray.is_initialized():
         return None
@@ -39,6 +42,8 @@ def init_ray(
     kwargs["_system_config"] = {
         "num_workers_soft_limit": max(16, 4 * (num_cpus or os.cpu_count() or 1))
     }
+    if metrics_export_port is not None:  # where Prometheus scrapes this node
+        kwargs["_metrics_export_port"] = metrics_export_port
     if temp_dir is not None:
         kwargs["_temp_dir"] = str(Path(temp_dir).resolve())
     return ray.init(**kwargs).dashboard_url or None

@@ -97,3 +97,46 @@ def test_task_pair_grid_additive_and_pcgrad(mp_root: Path, tmp_path: Path) -> No
     for trial in trials:
         lines = (Path(trial["run_dir"]) / "history.jsonl").read_text().splitlines()
         assert len(lines) == 2
+
+
+def test_optuna_sweep_two_trials(mp_root: Path, tmp_path: Path) -> None:
+    """Optuna samples, ASHA stops at max_t, and the next trial still gets the CPUs: a stopped
+    trial's Train placement group must be released (the dashboard's State API does it)."""
+    study = _study(
+        mp_root,
+        tmp_path,
+        name="sweep",
+        family="sweep",
+        sweep={
+            "num_samples": 2,
+            "lr": [1e-3, 3e-3],
+            "width": [8, 16],
+            "depth": [1],
+            "cutoff": [4.0, 5.0],
+            "grace_period": 1,
+        },
+    )
+    trials = _trials(run_study(study))
+    assert len(trials) == 2
+    assert len({t["params"]["lr"] for t in trials}) == 2  # two distinct Optuna samples
+    for trial in trials:
+        assert trial["error"] is None
+        assert 1e-3 <= trial["params"]["lr"] <= 3e-3
+        assert 4.0 <= trial["params"]["cutoff"] <= 5.0
+        history = [
+            json.loads(x)
+            for x in (Path(trial["run_dir"]) / "history.jsonl").read_text().splitlines()
+        ]
+        mse = "val/mp-formation-energy/mse"
+        assert trial["metrics"][mse] == history[-1][mse]
+
+    from matsci_ray.report import load_trials
+    from matsci_ray.report.tables import write_tables
+
+    written = write_tables(load_trials([tmp_path / "sweep"]), tmp_path / "report")
+    rows = list(csv.DictReader(written["table-sweep"].open()))
+    assert len(rows) == 2
+    by_trial = {t["trial_id"]: t for t in trials}
+    for row in rows:  # the sweep table holds each trial's own final metric
+        trial = by_trial[row["trial_id"]]
+        assert float(row["value"]) == trial["metrics"]["val/mp-formation-energy/mse"]
