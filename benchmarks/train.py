@@ -48,10 +48,10 @@ def ingest(root: Path, quick: bool) -> None:
     from matsci_ray.data.ingest import run_ingest
     from matsci_ray.data.shards import IngestOptions
 
-    mp, devsets = SAMPLES / "materials_project", SAMPLES / "matsciml-devsets"
+    mp = SAMPLES / "materials_project"
     oc20 = sorted((SAMPLES / "oc20" / "trajectories").glob("*.traj"))
     for source, paths in {
-        "materials-project": [mp / "summary_docs.jsonl", devsets / "materials_project/data.lmdb"],
+        "materials-project": [mp / "summary_docs.jsonl"],  # the devset LMDB repeats it
         "lips": [SAMPLES / "lips" / "lips_devset.extxyz"],
         "oc20-s2ef": oc20[:3] if quick else oc20,
     }.items():

@@ -145,7 +145,10 @@ def test_mp_jsonl_and_lmdb_agree(samples: Path) -> None:
         np.testing.assert_allclose(record.cell, other.cell, atol=1e-9)
         np.testing.assert_allclose(record.positions, other.positions, atol=1e-9)
         assert record.targets == other.targets
+        # one material read from either file is one split group: it cannot straddle splits
+        assert record.group == other.group
     assert matched >= 190
+    assert len({r.group for r in jsonl}) >= 190  # ...while distinct materials stay distinct
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 64, 5000])

@@ -13,10 +13,8 @@ from pathlib import Path
 SAMPLE_SOURCES: list[tuple[str, list[str]]] = [
     ("oc20-s2ef", ["oc20/trajectories"]),
     ("oc20-is2re", ["oc20/trajectories"]),
-    (
-        "materials-project",
-        ["materials_project/summary_docs.jsonl", "matsciml-devsets/materials_project/data.lmdb"],
-    ),
+    # the devset LMDB holds the same 200 documents: ingesting both would count each twice
+    ("materials-project", ["materials_project/summary_docs.jsonl"]),
     ("lips", ["lips/lips_devset.extxyz"]),
     ("oqmd", ["matsciml-devsets/oqmd/data.lmdb"]),
     ("nomad", ["matsciml-devsets/nomad/data.lmdb"]),

@@ -196,9 +196,20 @@ class MaterialsProjectReader(SourceReader):
             pbc=pbc,
             targets=targets,
             material_id=material_id,
+            # Without an id, the same material from two files (the devset LMDB holds the very
+            # documents of the JSON lines) must land in one split, or test leaks into train.
+            group=material_id or structure_fingerprint(numbers, cell),
             source_file=file,
             source_key=key,
         )
+
+
+def structure_fingerprint(numbers: np.ndarray, cell: np.ndarray) -> str:
+    """Composition and volume (to 0.01 Å³): equal for one material serialised two ways."""
+    counts = np.bincount(np.asarray(numbers, dtype=np.int64), minlength=119)
+    volume = abs(float(np.linalg.det(np.asarray(cell, dtype=np.float64))))
+    composition = ",".join(f"{z}:{c}" for z, c in enumerate(counts) if c)
+    return f"mp-structure:{composition}|{volume:.2f}"
 
 
 def _field(obj: Any, name: str) -> Any:
