@@ -40,6 +40,15 @@ class DataConfig(_Strict):
         "proportional", description="how several data sets are interleaved"
     )
     mix_temperature: float = Field(2.0, gt=0, description="T of n_i^(1/T) mixing weights")
+    cache_graphs: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="build each split's graphs once and keep them in Ray's object store "
+        "(spilled to disk if need be) instead of rebuilding them every epoch; 'auto' caches "
+        "splits of at most cache_max_atoms atoms",
+    )
+    cache_max_atoms: int = Field(
+        1_000_000, gt=0, description="'auto' caching limit (~2.5 kB of graph per atom at 6 Å)"
+    )
 
 
 class ModelConfig(_Strict):

@@ -133,6 +133,7 @@ def test_killed_worker_restarts_from_last_checkpoint(data_root: Path, tmp_path: 
         "egnn",
         optim={"epochs": 3},
         run={"fail_at_epoch": 2, "max_failures": 1},
+        data={"cache_graphs": "never"},  # the streaming path, rebuilt after the restart
     )
     result = build_trainer(config).fit()
     assert result.error is None
@@ -158,3 +159,23 @@ def test_config_errors_name_the_field(tmp_path: Path) -> None:
     path.write_text("name: x\ntasks: [mp-band-gap]\ndata: {root: d}\noptim: {lr: 1, typo: 2}\n")
     with pytest.raises(ConfigError, match=r"optim\.typo"):
         load_config(path)
+
+
+def test_graph_caching_decision(tmp_path: Path) -> None:
+    """'auto' caches a split only below ``cache_max_atoms``; 'always'/'never' override."""
+    from matsci_ray.train.trainer import should_cache
+
+    small = {"records": 100, "atoms_per_record": {"count": 100, "mean": 10.0}}
+    large = {"records": 10**6, "atoms_per_record": {"count": 10**6, "mean": 70.0}}
+    config = _config(tmp_path, tmp_path, "c", ["mp-formation-energy"], "egnn")
+    assert should_cache(config, small) and not should_cache(config, large)
+    assert not should_cache(config, {})  # unknown size: stream
+    limited = config.model_copy(
+        update={"data": config.data.model_copy(update={"cache_max_atoms": 999})}
+    )
+    assert not should_cache(limited, small)
+    for mode, expected in (("always", True), ("never", False)):
+        forced = config.model_copy(
+            update={"data": config.data.model_copy(update={"cache_graphs": mode})}
+        )
+        assert should_cache(forced, large) is expected and should_cache(forced, small) is expected

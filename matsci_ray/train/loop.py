@@ -206,6 +206,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     step = Stepper(config, core, model, optimizer)
     telemetry = Telemetry(config, rank)
     started = time.monotonic()
+    last_report_s = 0.0
 
     for epoch in range(start_epoch, config.optim.epochs):
         _maybe_fail(config, epoch, rank)
@@ -229,12 +230,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             wait = time.monotonic()
         elapsed = time.monotonic() - epoch_start
         metrics = sums.compute("train/")
+        val_start = time.monotonic()
         metrics.update(
             {
                 f"val/{k}": v
                 for k, v in evaluate(core, val_shards, config, device, targets, rank).items()
             }
         )
+        # where an epoch's wall time goes: training, validation, and (below) checkpointing
+        metrics["time/train_s"] = elapsed
+        metrics["time/val_s"] = time.monotonic() - val_start
         metrics.update(
             {
                 "epoch": epoch + 1,
@@ -245,8 +250,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )
         best, stale = _early_stopping(config, metrics, best, stale)
         metrics["best_score"] = best
+        metrics["time/report_s"] = last_report_s  # the previous epoch's checkpoint + report
         telemetry.log(metrics, epoch + 1)
+        report_start = time.monotonic()
         _report(config, core, optimizer, scheduler, metrics, epoch + 1, best, stale, rank)
+        last_report_s = time.monotonic() - report_start
         out_of_time = (
             config.optim.max_minutes is not None
             and time.monotonic() - started > 60 * config.optim.max_minutes
