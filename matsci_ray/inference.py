@@ -14,11 +14,13 @@ import numpy as np
 import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
+from torch_geometric.data import Batch
 
 from matsci_ray import keys as K
 from matsci_ray.graphs.batching import RadiusGraphTransform, rows_to_pyg_batch
 from matsci_ray.potential import MatSciModel
 from matsci_ray.tasks.heads import ClassHead
+from matsci_ray.tasks.registry import TaskSpec
 from matsci_ray.train.checkpoint import load_model
 
 
@@ -40,38 +42,64 @@ def atoms_to_columns(structures: Sequence[Atoms]) -> dict[str, np.ndarray]:
 
 
 class Predictor:
-    """A checkpoint ready to predict every task it was trained on, in physical units."""
+    """A checkpoint ready to predict every task it was trained on, in physical units.
 
-    def __init__(self, checkpoint: Path | str, device: str = "cpu") -> None:
+    ``dtype=torch.float64`` runs the model in double precision on the structures' float64
+    geometry (collation alone would round positions to float32), e.g. for finite differences.
+    """
+
+    def __init__(
+        self, checkpoint: Path | str, device: str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> None:
         model, config, _ = load_model(checkpoint)
-        self.model: MatSciModel = model.to(device)
+        self.model: MatSciModel = model.to(device=device, dtype=dtype)
         self.config = config
         self.device = device
+        self.dtype = dtype
         self.transform = RadiusGraphTransform(config.data.cutoff, config.data.max_neighbors)
 
-    def predict(self, structures: Sequence[Atoms], forces: bool = True) -> list[dict[str, Any]]:
+    def batch(self, structures: Sequence[Atoms]) -> Batch:
+        """The structures as the model sees them in training: radius graphs, one PyG batch."""
         rows = self.transform(atoms_to_columns(structures))
-        batch = rows_to_pyg_batch(rows, []).to(self.device)
-        with torch.set_grad_enabled(forces and self.model.needs_forces):
-            preds = self.model(batch, forces=forces and self.model.needs_forces)
+        batch = rows_to_pyg_batch(rows, [])
+        if self.dtype != torch.float32:
+            batch.pos = torch.from_numpy(np.concatenate([a.positions for a in structures]))
+            batch.cell = torch.from_numpy(np.stack([a.cell.array for a in structures]))
+            for name in ("pos", "cell", "cell_offsets"):
+                batch[name] = batch[name].to(self.dtype)
+        return batch.to(self.device)
+
+    def predict(self, structures: Sequence[Atoms], forces: bool = True) -> list[dict[str, Any]]:
+        """Per structure: ``{task: value}`` (class tasks: the class, space groups from 1), plus
+        ``"<task>:forces"`` (n, 3) eV/Å for force tasks, whose value is the total energy."""
+        if not structures:
+            return []
+        batch = self.batch(structures)
+        forces = forces and self.model.needs_forces
+        with torch.set_grad_enabled(forces):
+            preds = self.model(batch, forces=forces)
         results: list[dict[str, Any]] = [{} for _ in structures]
         ptr = batch.ptr.tolist()
         for name, out in preds.items():
             head = self.model.head(name)
-            value = out["value"].detach()
+            value = out["value"].detach().cpu()
             if isinstance(head, ClassHead):
                 value = head.predict_class(value)
-                if head.task.kind == "multiclass":
-                    value = value + 1  # space groups are numbered from 1
+                if head.task.kind == "multiclass":  # labels are numbered from the target's low
+                    value = value + int(K.TARGETS[head.task.target].low or 0)
             for k, result in enumerate(results):
                 result[name] = value[k].item()
                 if "forces" in out:
-                    result[f"{name}:forces"] = out["forces"][ptr[k] : ptr[k + 1]].detach().numpy()
+                    result[f"{name}:forces"] = (
+                        out["forces"][ptr[k] : ptr[k + 1]].detach().cpu().numpy()
+                    )
         return results
 
     def predict_batches(
         self, structures: Iterable[Atoms], batch_size: int = 32
     ) -> Iterator[dict[str, Any]]:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         chunk: list[Atoms] = []
         for atoms in structures:
             chunk.append(atoms)
@@ -82,28 +110,51 @@ class Predictor:
             yield from self.predict(chunk)
 
 
+def is_potential_energy(task: TaskSpec) -> bool:
+    """Whether a task predicts the total energy of the structure it is given (eV), so its
+    negative gradient is the forces: force tasks and total-energy regressions. Not intensive
+    targets (formation energy per atom), nor IS2RE's relaxed energy (a property of the
+    relaxation's end point, not of the given geometry)."""
+    return task.kind == "forces" or task.target == K.ENERGY
+
+
 class MatSciCalculator(Calculator):
     """ASE calculator: energy and conservative forces from a checkpoint's energy task.
 
-    ``task`` picks the head (default: the first force task, else the first energy task), so a
-    trained model can drive ``ase.optimize`` or molecular dynamics.
+    ``task`` picks the head (default: the first force task, else the first total-energy task),
+    so a trained model can drive ``ase.optimize`` or molecular dynamics. Forces are always
+    ``-dE/dpositions`` of that head, by autograd.
     """
 
     implemented_properties = ["energy", "forces", "free_energy"]  # noqa: RUF012
 
     def __init__(
-        self, checkpoint: Path | str, task: str | None = None, device: str = "cpu", **kwargs: Any
+        self,
+        checkpoint: Path | str,
+        task: str | None = None,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.predictor = Predictor(checkpoint, device)
+        self.predictor = Predictor(checkpoint, device, dtype)
         tasks = self.predictor.model.tasks
-        energy_tasks = [n for n, t in tasks.items() if t.extensive]
+        energy_tasks = [n for n, t in tasks.items() if is_potential_energy(t)]
         if task is None:
             forces = [n for n in energy_tasks if tasks[n].kind == "forces"]
             task = (forces or energy_tasks or [None])[0]
+            if task is None:
+                raise ValueError(
+                    f"{checkpoint}: no total-energy task to use as a potential (tasks: "
+                    f"{', '.join(tasks)}); per-atom formation energies, relaxed energies and "
+                    "other properties are not potential energies"
+                )
         if task not in energy_tasks:
-            raise ValueError(f"checkpoint has no energy task {task!r} (has: {energy_tasks})")
-        self.task = task
+            raise ValueError(
+                f"{checkpoint}: task {task!r} is not a total-energy task of this checkpoint; "
+                f"choose from: {', '.join(energy_tasks) or 'none'}"
+            )
+        self.task: str = task
 
     def calculate(
         self,
@@ -112,18 +163,10 @@ class MatSciCalculator(Calculator):
         system_changes: Sequence[str] = all_changes,
     ) -> None:
         super().calculate(atoms, properties, system_changes)
-        result = self.predictor.predict([self.atoms], forces=True)[0]
-        self.results["energy"] = self.results["free_energy"] = float(result[self.task])
-        forces = result.get(f"{self.task}:forces")
-        if forces is None:  # an energy-only task: still conservative forces by autograd
-            forces = self._autograd_forces()
-        self.results["forces"] = np.asarray(forces, dtype=np.float64)
-
-    def _autograd_forces(self) -> np.ndarray:
-        p = self.predictor
-        rows = p.transform(atoms_to_columns([self.atoms]))
-        batch = rows_to_pyg_batch(rows, []).to(p.device)
+        batch = self.predictor.batch([self.atoms])
         batch.pos.requires_grad_(True)
-        energy = p.model(batch, forces=False)[self.task]["value"].sum()
-        (grad,) = torch.autograd.grad(energy, batch.pos)
-        return -grad.numpy()
+        with torch.enable_grad():
+            energy = self.predictor.model(batch, forces=False)[self.task]["value"].sum()
+            (grad,) = torch.autograd.grad(energy, batch.pos)
+        self.results["energy"] = self.results["free_energy"] = energy.item()
+        self.results["forces"] = -grad.detach().cpu().numpy().astype(np.float64)
