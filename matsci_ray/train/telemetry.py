@@ -10,12 +10,16 @@ from pathlib import Path
 
 from matsci_ray.config import ExperimentConfig
 
-# Gauges exported per worker; names are the ones the Grafana dashboards query.
+# Gauges exported per worker; names are the ones the Grafana dashboards query
+# (``dashboards/grafana``; Prometheus sees them with Ray's ``ray_`` prefix).
 _GAUGES = {
     "train/samples_per_s": "matsci_ray_samples_per_second",
     "train/data_wait_fraction": "matsci_ray_data_wait_fraction",
     "epoch": "matsci_ray_epoch",
 }
+# Every other logged number (losses, metrics; rank 0), tagged ``name`` with its key.
+METRIC_GAUGE = "matsci_ray_metric"
+EXPORTED_METRICS = (*_GAUGES.values(), METRIC_GAUGE)
 
 
 HISTORY = "history.jsonl"
@@ -53,7 +57,7 @@ class Telemetry:
             for key, name in _GAUGES.items():
                 self._gauges[key] = Gauge(name, description=key, tag_keys=("experiment",))
             self._metric_gauge = Gauge(
-                "matsci_ray_metric",
+                METRIC_GAUGE,
                 description="loss and metric per task",
                 tag_keys=("experiment", "name"),
             )
