@@ -37,8 +37,7 @@ def open_dataset(
     paths = shard_paths(root, dataset, split)
     if not paths:
         raise ValueError(f"{root}/{dataset}: no records in split {split!r}")
-    remote_args = {"num_cpus": num_cpus} if num_cpus is not None else None
-    return ray.data.read_parquet(paths, columns=columns, ray_remote_args=remote_args)
+    return ray.data.read_parquet(paths, columns=columns, num_cpus=num_cpus)
 
 
 def open_datasets(
