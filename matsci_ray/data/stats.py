@@ -87,15 +87,27 @@ class CompositionFit:
         self.yty += other.yty
         self.count += other.count
 
-    def solve(self, ridge: float = 1e-8) -> dict[int, float]:
-        """Reference energy per element present (eV/atom); ridge keeps collinear sets solvable."""
+    def mean_per_atom(self) -> float:
+        """Least-squares ``mu`` of ``E ≈ mu · N``: ``Σ N E / Σ N²`` from the normal equations."""
+        total = float(self.xtx.sum())
+        return float(self.xty.sum()) / total if total > 0 else 0.0
+
+    def solve(self, ridge: float = 1e-6) -> dict[int, float]:
+        """Reference energy per element present (eV/atom), as ``mu + delta_Z``.
+
+        The ridge shrinks each ``delta_Z`` towards zero, so an element whose reference the
+        compositions cannot separate (few systems, elements that always occur together) gets
+        the mean per-atom energy rather than an arbitrary value of the collinear set.
+        """
         present = np.nonzero(np.diag(self.xtx))[0]
         if present.size == 0:
             return {}
+        mu = self.mean_per_atom()
         a = self.xtx[np.ix_(present, present)]
         a = a + ridge * np.trace(a) / present.size * np.eye(present.size)
-        refs = np.linalg.solve(a, self.xty[present])
-        return {int(z): float(e) for z, e in zip(present, refs, strict=True)}
+        rhs = self.xty[present] - mu * self.xtx[np.ix_(present, present)].sum(axis=1)
+        delta = np.linalg.solve(a, rhs)
+        return {int(z): mu + float(d) for z, d in zip(present, delta, strict=True)}
 
     def residual_rms(self, refs: dict[int, float]) -> float:
         """RMS per structure of ``E - Σ n_Z e_Z``, from the normal equations alone."""
@@ -202,6 +214,7 @@ class SplitStats:
         refs = fit.solve()
         return {
             "per_element": {str(z): e for z, e in refs.items()},
+            "mean_per_atom": fit.mean_per_atom(),  # the reference of elements not seen here
             "residual_rms": fit.residual_rms(refs),
             "count": fit.count,
         }
