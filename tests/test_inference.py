@@ -19,10 +19,7 @@ from ase import Atoms
 from ase.optimize import FIRE
 
 from matsci_ray.cli.main import main
-from matsci_ray.config import ExperimentConfig
-from matsci_ray.data.manifest import build_manifest, read_manifest, write_manifest
-from matsci_ray.data.readers import get_reader
-from matsci_ray.data.shards import IngestOptions, ingest_unit
+from matsci_ray.data.manifest import read_manifest
 from matsci_ray.graphs.batching import RadiusGraphTransform, rows_to_pyg_batch
 from matsci_ray.inference import (
     MatSciCalculator,
@@ -31,10 +28,10 @@ from matsci_ray.inference import (
     is_potential_energy,
 )
 from matsci_ray.tasks.registry import TASKS
-from matsci_ray.train.checkpoint import build_model, load_model, save_checkpoint
+from matsci_ray.train.checkpoint import load_model, save_checkpoint
 from matsci_ray.train.metrics import task_losses
+from tests.samples import ingest_in_process, tiny_model
 
-TINY = {"hidden_dim": 16, "num_layers": 2, "mlp_dim": 32, "num_rbf": 8}
 MP_TASKS = ["mp-formation-energy", "mp-band-gap", "mp-stability", "mp-space-group"]
 FORCES = "lips-forces"
 
@@ -55,12 +52,7 @@ def data_root(samples: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         ("materials-project", samples / "materials_project" / "summary_docs.jsonl"),
         ("lips", samples / "lips" / "lips_devset.extxyz"),
     ):
-        options = IngestOptions(source=source)
-        reader = get_reader(source)
-        units = reader.plan(path)
-        sidecars = [ingest_unit(u, root / reader.dataset, options, "test") for u in units]
-        manifest = build_manifest(reader.dataset, options, [{"file": str(path)}], sidecars)
-        write_manifest(root, reader.dataset, manifest)
+        ingest_in_process(source, path, root)
     return root
 
 
@@ -82,17 +74,7 @@ def mp_structures(samples: Path) -> list[Atoms]:
 def _checkpoint(
     directory: Path, root: Path, tasks: list[str], train_on: Sequence[Atoms] = ()
 ) -> Path:
-    config = ExperimentConfig.model_validate(
-        {
-            "name": directory.name,
-            "tasks": tasks,
-            "data": {"root": str(root), "cutoff": 4.0},
-            "model": {"name": "egnn", "params": TINY, "head_hidden": 16},
-        }
-    )
-    torch.manual_seed(0)
-    model = build_model(config)
-    model.fit_normalisation({d: read_manifest(root, d)["splits"]["train"] for d in config.datasets})
+    model, config = tiny_model(directory.name, root, tasks)
     if train_on:  # a few steps on energies and forces, so the forces are not ~1e-5 eV/Å
         columns = atoms_to_columns(train_on)
         columns["energy"] = np.array([a.get_potential_energy() for a in train_on])

@@ -24,10 +24,8 @@ import psutil
 import pytest
 import yaml
 
-from matsci_ray.data.manifest import build_manifest, write_manifest
-from matsci_ray.data.readers import get_reader
-from matsci_ray.data.shards import IngestOptions, ingest_unit
 from matsci_ray.train.telemetry import EXPORTED_METRICS
+from tests.samples import ingest_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -100,17 +98,8 @@ def head() -> Iterator[Head]:
 
 @pytest.fixture(scope="module")
 def mp_root(samples: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("data")
     source = samples / "materials_project" / "summary_docs.jsonl"
-    options = IngestOptions(source="materials-project")
-    reader = get_reader("materials-project")
-    sidecars = [ingest_unit(u, root / reader.dataset, options, "test") for u in reader.plan(source)]
-    write_manifest(
-        root,
-        reader.dataset,
-        build_manifest(reader.dataset, options, [{"file": str(source)}], sidecars),
-    )
-    return root
+    return ingest_in_process("materials-project", source, tmp_path_factory.mktemp("data"))
 
 
 def _experiment(root: Path, storage: Path, epochs: int) -> dict:
@@ -124,7 +113,7 @@ def _experiment(root: Path, storage: Path, epochs: int) -> dict:
     }
 
 
-def _wait(head: Head, job_id: str, timeout: float = 400, poll: Callable | None = None) -> str:
+def _wait(head: Head, job_id: str, timeout: float = 500, poll: Callable | None = None) -> str:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(head.dashboard)

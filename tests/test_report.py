@@ -13,17 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from matsci_ray.cli import report as report_cli
-from matsci_ray.config import ExperimentConfig
-from matsci_ray.data.manifest import build_manifest, read_manifest, write_manifest
-from matsci_ray.data.readers import get_reader
-from matsci_ray.data.shards import IngestOptions, ingest_unit
 from matsci_ray.report import load_trials
 from matsci_ray.report.tables import build_tables, write_tables
 from matsci_ray.tasks.registry import TASKS
-from matsci_ray.train.checkpoint import build_model, save_checkpoint
+from matsci_ray.train.checkpoint import save_checkpoint
+from tests.samples import ingest_in_process, tiny_model
 
 BG, SG, FE, OQ, EF = (
     "mp-band-gap",
@@ -32,20 +28,13 @@ BG, SG, FE, OQ, EF = (
     "oqmd-formation-energy",
     "mp-fermi-energy",
 )
-TINY = {"hidden_dim": 16, "num_layers": 2, "mlp_dim": 32, "num_rbf": 8}
 
 
 @pytest.fixture(scope="module")
 def data_root(samples: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Materials Project samples ingested without Ray: plan, ingest each unit, manifest."""
-    root = tmp_path_factory.mktemp("ingested")
+    """Materials Project samples ingested without Ray."""
     source = samples / "materials_project" / "summary_docs.jsonl"
-    options = IngestOptions(source="materials-project")
-    reader = get_reader("materials-project")
-    sidecars = [ingest_unit(u, root / reader.dataset, options, "test") for u in reader.plan(source)]
-    manifest = build_manifest(reader.dataset, options, [{"file": str(source)}], sidecars)
-    write_manifest(root, reader.dataset, manifest)
-    return root
+    return ingest_in_process("materials-project", source, tmp_path_factory.mktemp("ingested"))
 
 
 def _history(run_dir: Path, finals: dict[str, float], epochs: int = 3) -> None:
@@ -62,17 +51,7 @@ def _history(run_dir: Path, finals: dict[str, float], epochs: int = 3) -> None:
 
 
 def _checkpoint(run_dir: Path, root: Path, tasks: list[str]) -> None:
-    config = ExperimentConfig.model_validate(
-        {
-            "name": run_dir.name,
-            "tasks": tasks,
-            "data": {"root": str(root), "cutoff": 4.0},
-            "model": {"name": "egnn", "params": TINY, "head_hidden": 16},
-        }
-    )
-    torch.manual_seed(0)
-    model = build_model(config)
-    model.fit_normalisation({d: read_manifest(root, d)["splits"]["train"] for d in config.datasets})
+    model, config = tiny_model(run_dir.name, root, tasks)
     (run_dir / "checkpoint_000002").mkdir(parents=True)
     save_checkpoint(run_dir / "checkpoint_000002", model, config, epoch=3)
 
