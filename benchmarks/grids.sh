@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Tables 4 and 5 on the samples at a small budget (see benchmarks/README.md, "Study grids").
+# From the repository root, in the project's virtualenv: bash benchmarks/grids.sh
+# ~25 min on 2 cores. Tables land in benchmarks/results/grids/.
+set -euo pipefail
+samples=${SAMPLES:-../shared/datasets}
+data=runs/bench/data
+export RAY_DATA_USE_DATASOURCE_V2=0 RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
+# 70/30: the samples are small, and a larger validation split makes the deltas less noisy
+split=(--split 0.7,0.3,0 --seed 42 --num-cpus 2)
+matsci-ray ingest materials-project "$samples/materials_project/summary_docs.jsonl" --out $data "${split[@]}"
+matsci-ray ingest lips "$samples/lips/lips_devset.extxyz" --out $data "${split[@]}"
+matsci-ray ingest oc20-s2ef "$samples/oc20/trajectories" --out $data "${split[@]}"
+matsci-ray ingest oc20-is2re "$samples/oc20/trajectories" --out $data "${split[@]}"
+for study in single_mp task_pairs single_energy dataset_pairs; do
+    matsci-ray study "benchmarks/studies/$study.yaml" --num-cpus 2
+done
+matsci-ray report runs/bench/studies --out benchmarks/results/grids --no-plots
