@@ -34,10 +34,15 @@ def needed_columns(config: ExperimentConfig) -> list[str]:
     return list(dict.fromkeys(columns))
 
 
-def graph_dataset(config: ExperimentConfig, dataset: str, split: str) -> ray.data.Dataset:
-    """Rows of ``dataset``/``split`` with radius-graph columns added in the stream."""
+def graph_dataset(
+    config: ExperimentConfig, dataset: str, split: str, limit: int | None = None
+) -> ray.data.Dataset:
+    """Rows of ``dataset``/``split`` (the first ``limit``) with radius-graph columns added in
+    the stream."""
     cpus = config.data.task_cpus
     ds = open_dataset(config.data.root, dataset, split, needed_columns(config), num_cpus=cpus)
+    if limit is not None:  # before the graphs: none is built for a row that is dropped
+        ds = ds.limit(limit)
     transform = RadiusGraphTransform(config.data.cutoff, config.data.max_neighbors)
     # pyarrow in and out: the numpy format would pickle nested list columns on the way back
     return ds.map_batches(transform, batch_format="pyarrow", batch_size=64, num_cpus=cpus)
@@ -84,11 +89,11 @@ def build_trainer(
     sizes: dict[str, int] = {}
     for name in config.datasets:
         splits = read_manifest(config.data.root, name)["splits"]
-        train = graph_dataset(config, name, "train")
+        limit = config.data.max_train_samples
+        train = graph_dataset(config, name, "train", limit)
         count = summaries[name]["records"]
-        if config.data.max_train_samples:
-            train = train.limit(config.data.max_train_samples)
-            count = min(count, config.data.max_train_samples)
+        if limit:
+            count = min(count, limit)
             summaries[name] = {**summaries[name], "records": count}
         datasets[f"train:{name}"] = cached(train, should_cache(config, splits["train"]))
         val = graph_dataset(config, name, config.data.val_split)
