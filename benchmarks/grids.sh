@@ -15,4 +15,7 @@ matsci-ray ingest oc20-is2re "$samples/oc20/trajectories" --out $data "${split[@
 for study in single_mp task_pairs single_energy dataset_pairs; do
     matsci-ray study "benchmarks/studies/$study.yaml" --num-cpus 2
 done
-matsci-ray report runs/bench/studies --out benchmarks/results/grids --no-plots
+# each pair table against the single-task runs of its own budget
+studies=runs/bench/studies
+matsci-ray report $studies/single-mp $studies/task-pairs --out benchmarks/results/grids/task-pairs --no-plots
+matsci-ray report $studies/single-energy $studies/dataset-pairs --out benchmarks/results/grids/dataset-pairs --no-plots
