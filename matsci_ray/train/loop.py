@@ -224,7 +224,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             step(losses)
             scheduler.step()
             for name, loss in losses.items():
-                sums.add_loss(name, float(loss), batch.num_graphs)
+                sums.add_loss(name, float(loss.detach()), batch.num_graphs)
             sums.update(preds, batch)
             samples += batch.num_graphs
             wait = time.monotonic()
