@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-# Fast, quiet, deterministic local Ray for tests (see DEVELOPERS.md: Ray 2.60 on 2 CPUs).
+# Fast, quiet, deterministic local Ray for tests (Ray 2.60 on 2 CPUs).
 os.environ.setdefault("RAY_DATA_USE_DATASOURCE_V2", "0")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -16,16 +17,40 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
+LOCAL_RAY: dict[str, Path] = {}  # the session's local Ray temp dir, for a pause and restart
+
+
+def start_local_ray(temp: Path) -> None:
+    from matsci_ray.ray_env import init_ray
+
+    LOCAL_RAY["temp"] = temp
+    init_ray(num_cpus=2, temp_dir=temp)
+
+
 @pytest.fixture(scope="session")
 def ray_local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     import ray
 
-    from matsci_ray.ray_env import init_ray
-
-    temp = tmp_path_factory.mktemp("ray")
-    init_ray(num_cpus=2, temp_dir=temp)
+    start_local_ray(tmp_path_factory.mktemp("ray"))
     yield
     ray.shutdown()
+
+
+@contextmanager
+def no_local_ray() -> Iterator[None]:
+    """Pause the session's in-process Ray: with two clusters on one machine, Ray Train's
+    placement-group cleaner (State API, address auto-detected) may ask the wrong one and
+    never free a stopped trial's CPUs."""
+    import ray
+
+    running = ray.is_initialized()
+    if running:
+        ray.shutdown()
+    try:
+        yield
+    finally:
+        if running:
+            start_local_ray(LOCAL_RAY["temp"])
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from matsci_ray.train.telemetry import EXPORTED_METRICS
+from tests.conftest import no_local_ray
 from tests.samples import ingest_in_process
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,11 +90,12 @@ class Head:
 def head() -> Iterator[Head]:
     # short: Ray's socket paths under the temp dir must stay below 108 characters
     temp = Path(tempfile.mkdtemp(prefix="mrjob", dir="/tmp"))
-    started = Head(temp)
-    try:
-        yield started
-    finally:
-        started.stop()
+    with no_local_ray():  # one Ray cluster on the machine at a time
+        started = Head(temp)
+        try:
+            yield started
+        finally:
+            started.stop()
 
 
 @pytest.fixture(scope="module")
