@@ -58,15 +58,17 @@ def should_cache(config: ExperimentConfig, summary: dict[str, Any]) -> bool:
     return 0 < total <= config.data.cache_max_atoms
 
 
-def cached(ds: ray.data.Dataset, cache: bool) -> ray.data.Dataset:
-    return ds.materialize() if cache else ds
+def manifest_splits(config: ExperimentConfig) -> dict[str, dict[str, Any]]:
+    """Per data set, the manifest's statistics of each split (read once per run)."""
+    return {name: read_manifest(config.data.root, name)["splits"] for name in config.datasets}
 
 
-def train_summaries(config: ExperimentConfig) -> dict[str, dict[str, Any]]:
+def train_summaries(
+    config: ExperimentConfig, splits_by_name: dict[str, dict[str, Any]] | None = None
+) -> dict[str, dict[str, Any]]:
     """Train-split statistics of each data set: the heads' normalisers."""
     summaries = {}
-    for name in config.datasets:
-        splits = read_manifest(config.data.root, name)["splits"]
+    for name, splits in (splits_by_name or manifest_splits(config)).items():
         if "train" not in splits:
             raise ValueError(f"{config.data.root}/{name}: no train split to normalise with")
         summaries[name] = splits["train"]
@@ -84,22 +86,23 @@ def build_trainer(
     # The controller polls workers this often, and each epoch's report waits for a poll
     # (Ray's default of 2 s cost ~0.8 s per epoch here); the driver's value reaches it.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-    summaries = train_summaries(config)
+    splits_by_name = manifest_splits(config)
+    summaries = train_summaries(config, splits_by_name)
     datasets: dict[str, ray.data.Dataset] = {}
     sizes: dict[str, int] = {}
-    for name in config.datasets:
-        splits = read_manifest(config.data.root, name)["splits"]
+    for name, splits in splits_by_name.items():
         limit = config.data.max_train_samples
         train = graph_dataset(config, name, "train", limit)
         count = summaries[name]["records"]
         if limit:
             count = min(count, limit)
             summaries[name] = {**summaries[name], "records": count}
-        datasets[f"train:{name}"] = cached(train, should_cache(config, splits["train"]))
+        if should_cache(config, splits["train"]):
+            train = train.materialize()
         val = graph_dataset(config, name, config.data.val_split)
-        datasets[f"val:{name}"] = cached(
-            val, should_cache(config, splits.get(config.data.val_split, {}))
-        )
+        if should_cache(config, splits.get(config.data.val_split, {})):
+            val = val.materialize()
+        datasets[f"train:{name}"], datasets[f"val:{name}"] = train, val
         sizes[name] = count
     steps = epoch_batches(sizes, config.data.batch_size, config.run.num_workers)
     resources = {"CPU": config.run.cpus_per_worker}
