@@ -140,9 +140,7 @@ def compute_rate(config: Any, repeats: int) -> float:
     model = build_model(config)  # the loop's own model, losses and optimiser step
     model.fit_normalisation(train_summaries(config))
     targets = batch_targets(model)
-    ds = graph_dataset(config, config.datasets[0], "train")
-    if config.data.max_train_samples:
-        ds = ds.limit(config.data.max_train_samples)
+    ds = graph_dataset(config, config.datasets[0], "train", config.data.max_train_samples)
     rows = ds.iter_batches(batch_size=config.data.batch_size, batch_format="numpy")
     batches = [collate(r, targets, model.datasets) for r in rows]
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr)

@@ -29,7 +29,12 @@ class DataConfig(_Strict):
     batch_size: int = Field(32, gt=0, description="structures per batch per worker")
     shuffle_buffer: int = Field(1024, ge=0, description="rows in the local shuffle buffer")
     val_split: Literal["val", "test"] = "val"
-    max_train_samples: int | None = Field(None, gt=0, description="cap per epoch (smoke runs)")
+    max_train_samples: int | None = Field(
+        None,
+        gt=0,
+        description="train on a seeded uniform sample of this many rows per data set "
+        "(the same rows every epoch): fixed budgets and smoke runs",
+    )
     task_cpus: float = Field(
         0.5,
         gt=0,

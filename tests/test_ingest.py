@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from matsci_ray import keys as K
-from matsci_ray.data.dataset import open_dataset, shard_paths
+from matsci_ray.data.dataset import open_dataset, sample_rows, shard_paths
 from matsci_ray.data.ingest import run_ingest
 from matsci_ray.data.shards import IngestOptions, StrictModeError
 from matsci_ray.data.splits import SplitConfig
@@ -98,6 +98,27 @@ def test_open_dataset_streams_manifest_counts(oc20: tuple[Path, dict]) -> None:
     out, manifest = oc20
     ds = open_dataset(out, "oc20-s2ef", "test", columns=[K.SAMPLE_ID, K.NATOMS])
     assert ds.count() == manifest["counts"]["test"] > 0
+
+
+def test_sampled_rows_are_exact_uniform_and_repeatable(oc20: tuple[Path, dict]) -> None:
+    """A training cap draws its rows from every system, not the first shard's first frames."""
+    out, manifest = oc20
+    total = manifest["counts"]["train"]
+    columns = [K.SAMPLE_ID, K.GROUP]
+
+    def draw(count: int, seed: int) -> list[dict]:
+        ds = open_dataset(out, "oc20-s2ef", "train", columns=columns)
+        return sample_rows(ds, out, "oc20-s2ef", "train", count, seed).take_all()
+
+    rows = draw(200, seed=42)
+    ids = [r[K.SAMPLE_ID] for r in rows]
+    assert len(ids) == len(set(ids)) == 200
+    systems = {r[K.GROUP] for r in rows}
+    first = open_dataset(out, "oc20-s2ef", "train", columns=columns).limit(200).take_all()
+    assert len(systems) >= 15 > len({r[K.GROUP] for r in first})
+    assert sorted(ids) == sorted(r[K.SAMPLE_ID] for r in draw(200, seed=42))
+    assert set(ids) != {r[K.SAMPLE_ID] for r in draw(200, seed=7)}
+    assert len(draw(total + 5, seed=42)) == total
 
 
 def test_every_sample_source_ingests(samples: Path, tmp_path: Path) -> None:

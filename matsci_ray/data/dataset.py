@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray.data
 
 from matsci_ray.data.manifest import read_manifest
-from matsci_ray.keys import SPLITS
+from matsci_ray.keys import SAMPLE_ID, SPLITS
 
 
 def shard_paths(root: Path | str, dataset: str, split: str) -> list[str]:
@@ -45,3 +49,54 @@ def open_datasets(
 ) -> dict[str, ray.data.Dataset]:
     """One Ray Dataset per data set name, for the mixed-dataset sampler."""
     return {name: open_dataset(root, name, split, columns) for name in datasets}
+
+
+def _id_hashes(ids: list[str], seed: int) -> np.ndarray:
+    """A seeded 64-bit hash per sample id: the order in which rows are drawn."""
+    return np.array(
+        [
+            int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest(), "big")
+            for i in ids
+        ],
+        dtype=np.uint64,
+    )
+
+
+class SampledRows:
+    """``map_batches`` filter keeping the rows of a seeded uniform sample (see
+    :func:`sample_rows`); pyarrow tables in and out."""
+
+    def __init__(self, threshold: int, seed: int) -> None:
+        self.threshold = np.uint64(threshold)
+        self.seed = seed
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        keep = _id_hashes(table.column(SAMPLE_ID).to_pylist(), self.seed) <= self.threshold
+        return table.filter(pa.array(keep))
+
+
+def sample_rows(
+    ds: ray.data.Dataset,
+    root: Path | str,
+    dataset: str,
+    split: str,
+    count: int,
+    seed: int,
+    num_cpus: float | None = None,
+) -> ray.data.Dataset:
+    """Exactly ``count`` rows of ``ds`` (the stream of ``dataset``/``split``), drawn uniformly
+    across all its shards: those whose seeded sample-id hash is among the ``count`` smallest.
+
+    Only the sample-id column is read up front (to find the threshold); the rows themselves
+    still stream, the same rows every epoch. The first ``count`` rows would instead be the
+    first few systems of a shard (an OC20 epoch of 640 frames saw 4 of 20 training systems).
+    """
+    ids = [
+        i
+        for p in shard_paths(root, dataset, split)
+        for i in pq.read_table(p, columns=[SAMPLE_ID])[SAMPLE_ID].to_pylist()
+    ]
+    if count >= len(ids):
+        return ds
+    threshold = int(np.partition(_id_hashes(ids, seed), count - 1)[count - 1])
+    return ds.map_batches(SampledRows(threshold, seed), batch_format="pyarrow", num_cpus=num_cpus)

@@ -16,7 +16,7 @@ from ray.train.torch import TorchTrainer
 
 from matsci_ray import keys as K
 from matsci_ray.config import ExperimentConfig, dump_config
-from matsci_ray.data.dataset import open_dataset
+from matsci_ray.data.dataset import open_dataset, sample_rows
 from matsci_ray.data.manifest import read_manifest
 from matsci_ray.data.mixing import epoch_batches
 from matsci_ray.graphs.batching import RadiusGraphTransform
@@ -37,12 +37,13 @@ def needed_columns(config: ExperimentConfig) -> list[str]:
 def graph_dataset(
     config: ExperimentConfig, dataset: str, split: str, limit: int | None = None
 ) -> ray.data.Dataset:
-    """Rows of ``dataset``/``split`` (the first ``limit``) with radius-graph columns added in
-    the stream."""
+    """Rows of ``dataset``/``split`` (a seeded uniform sample of ``limit``) with radius-graph
+    columns added in the stream."""
     cpus = config.data.task_cpus
-    ds = open_dataset(config.data.root, dataset, split, needed_columns(config), num_cpus=cpus)
+    root = config.data.root
+    ds = open_dataset(root, dataset, split, needed_columns(config), num_cpus=cpus)
     if limit is not None:  # before the graphs: none is built for a row that is dropped
-        ds = ds.limit(limit)
+        ds = sample_rows(ds, root, dataset, split, limit, config.run.seed, num_cpus=cpus)
     transform = RadiusGraphTransform(config.data.cutoff, config.data.max_neighbors)
     # pyarrow in and out: the numpy format would pickle nested list columns on the way back
     return ds.map_batches(transform, batch_format="pyarrow", batch_size=64, num_cpus=cpus)
