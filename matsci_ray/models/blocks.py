@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch_geometric.utils import scatter
 
 from matsci_ray.graphs.geometry import edge_vectors
+from matsci_ray.models import elements
 
 MAX_Z = 118
 
@@ -88,17 +89,33 @@ class CosineCutoff(nn.Module):
 
 
 class AtomEmbedding(nn.Module):
-    """Learned vector per atomic number ``1..MAX_Z`` (row 0 unused)."""
+    """Learned vector per atomic number ``1..MAX_Z`` (row 0 unused).
 
-    def __init__(self, dim: int, max_z: int = MAX_Z) -> None:
+    With ``element_features`` the vector is a linear map of the element's descriptors
+    (:mod:`matsci_ray.models.elements`) plus a per-Z correction that starts at zero, so an
+    element never seen in training is embedded by its chemistry, not by a random draw.
+    """
+
+    def __init__(self, dim: int, max_z: int = MAX_Z, element_features: bool = False) -> None:
         super().__init__()
         self.embedding = nn.Embedding(max_z + 1, dim)
+        self.features: nn.Linear | None = None
+        if element_features:
+            table = elements.element_features(max_z)
+            self.register_buffer("descriptors", table)  # saved: checkpoints stand alone
+            self.features = nn.Linear(table.shape[1], dim)
+        self.reset_parameters()
 
     def reset_parameters(self) -> None:
         self.embedding.reset_parameters()
+        if self.features is not None:
+            self.features.reset_parameters()
+            nn.init.zeros_(self.embedding.weight)
 
     def forward(self, z: Tensor) -> Tensor:
-        return self.embedding(z)
+        if self.features is None:
+            return self.embedding(z)
+        return self.features(self.descriptors[z]) + self.embedding(z)
 
 
 def graph_index(batch: Any) -> tuple[Tensor, int]:

@@ -114,6 +114,8 @@ class EGNN(Encoder):
         aggr_norm: constant that divides neighbour sums (about the typical envelope-weighted
             neighbour count, so features keep a stable scale).
         readout: ``"sum_mean"``, ``"sum"`` or ``"mean"``.
+        element_features: embed atoms from periodic-table descriptors plus a learned
+            per-element correction (:class:`~matsci_ray.models.blocks.AtomEmbedding`).
     """
 
     def __init__(
@@ -128,13 +130,14 @@ class EGNN(Encoder):
         attention: bool = True,
         aggr_norm: float = 16.0,
         readout: str = "sum_mean",
+        element_features: bool = False,
     ) -> None:
         super().__init__()
         self.node_dim = hidden_dim
         self.graph_dim = readout_width(hidden_dim, readout)
         self.cutoff = float(cutoff)
         self.readout = readout
-        self.embedding = AtomEmbedding(hidden_dim)
+        self.embedding = AtomEmbedding(hidden_dim, element_features=element_features)
         self.rbf = GaussianRBF(num_rbf, stop=cutoff)
         self.envelope = CosineCutoff(cutoff)
         # The last layer's coordinate update would feed nothing: leaving it out avoids

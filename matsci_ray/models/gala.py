@@ -170,6 +170,8 @@ class GALA(Encoder):
         cutoff: Å; rank-1 envelope reaches zero here (neighbour lists must reach this far).
         pair_cutoff: Å; edges shorter than this form rank-2 pairs (0 disables pairs).
         readout: ``"sum_mean"``, ``"sum"`` or ``"mean"``.
+        element_features: embed atoms from periodic-table descriptors plus a learned
+            per-element correction (:class:`~matsci_ray.models.blocks.AtomEmbedding`).
     """
 
     def __init__(
@@ -184,6 +186,7 @@ class GALA(Encoder):
         cutoff: float = 6.0,
         pair_cutoff: float = 4.0,
         readout: str = "sum_mean",
+        element_features: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= pair_cutoff <= cutoff:
@@ -193,7 +196,7 @@ class GALA(Encoder):
         self.cutoff = float(cutoff)
         self.pair_cutoff = float(pair_cutoff)
         self.readout = readout
-        self.embedding = AtomEmbedding(dim)
+        self.embedding = AtomEmbedding(dim, element_features=element_features)
         self.radial = GaussianRBF(num_rbf, stop=cutoff)
         self.angular = GaussianRBF(num_angular, start=-1.0, stop=1.0)
         self.envelope = CosineCutoff(cutoff)

@@ -102,6 +102,8 @@ class MEGNet(Encoder):
         state_dim: width of the initial global state, all zeros for crystals (paper: 2).
         set2set_steps: Set2Set processing steps (paper: 3).
         cutoff: Å; the envelope reaches zero here (paper: 5 Å for crystals).
+        element_features: embed atoms from periodic-table descriptors plus a learned
+            per-element correction (:class:`~matsci_ray.models.blocks.AtomEmbedding`).
     """
 
     def __init__(
@@ -115,13 +117,14 @@ class MEGNet(Encoder):
         state_dim: int = 2,
         set2set_steps: int = 3,
         cutoff: float = 5.0,
+        element_features: bool = False,
     ) -> None:
         super().__init__()
         self.node_dim = dim
         self.graph_dim = 5 * dim
         self.cutoff = float(cutoff)
         self.state_dim = state_dim
-        self.embedding = AtomEmbedding(embedding_dim)
+        self.embedding = AtomEmbedding(embedding_dim, element_features=element_features)
         self.rbf = GaussianRBF(num_rbf, stop=cutoff, width=rbf_width)
         self.envelope = CosineCutoff(cutoff)
         self.atom_encoder = _dense(embedding_dim, dim)
