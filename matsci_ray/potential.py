@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from matsci_ray.keys import FIXED
 from matsci_ray.models.base import Encoder
 from matsci_ray.tasks.heads import Head, build_head, target_mask
 from matsci_ray.tasks.registry import TaskSpec
@@ -45,6 +46,15 @@ class MatSciModel(nn.Module):
         if index is not None and len(self.datasets) > 1:
             mask = mask & (index == self.datasets.index(self.tasks[name].dataset))
         return mask
+
+    def force_atoms(self, batch: Any, name: str, graph_mask: Tensor) -> Tensor:
+        """Atoms whose forces a force task learns and scores: those of the structures in
+        ``graph_mask``, less atoms held fixed where the task follows OC20's free-atom rule."""
+        atoms = graph_mask[batch.batch]
+        fixed = getattr(batch, FIXED, None)
+        if self.tasks[name].free_atoms_only and fixed is not None:
+            atoms = atoms & ~fixed
+        return atoms
 
     def head(self, name: str) -> Head:
         return self.heads[name]  # type: ignore[return-value]

@@ -27,7 +27,13 @@ SMALL = {
     "megnet": {"dim": 8, "num_blocks": 2},
     "gala": {"dim": 16, "heads": 2, "num_layers": 2, "ffn_dim": 32},
 }
-TASK_NAMES = ["lips-forces", "mp-band-gap", "mp-stability", "mp-space-group"]
+TASK_NAMES = [
+    "lips-forces",
+    "mp-formation-energy",
+    "mp-band-gap",
+    "mp-stability",
+    "mp-space-group",
+]
 CUTOFF = 4.0
 
 

@@ -3,7 +3,8 @@
 Each ingest task accumulates sums over its records; the driver merges them. Nothing here ever
 holds more than one record's arrays, so statistics cost no memory however large the data set.
 Total-energy targets also accumulate the normal equations of ``E ≈ Σ_Z n_Z · e_Z`` so that
-per-element reference energies can be fitted by least squares on composition afterwards.
+per-element reference energies can be fitted by least squares on composition afterwards;
+energies per atom (formation energy) do the same on composition fractions, ``e ≈ Σ_Z x_Z · e_Z``.
 """
 
 from __future__ import annotations
@@ -66,15 +67,18 @@ class Moments:
 
 @dataclass
 class CompositionFit:
-    """Normal equations ``XᵀX e = Xᵀy`` with X the element counts of each structure."""
+    """Normal equations ``XᵀX e = Xᵀy`` with X the element counts of each structure, or its
+    element fractions (``fractions=True``) for energies per atom."""
 
     xtx: np.ndarray = field(default_factory=lambda: np.zeros((NUM_Z, NUM_Z)))
     xty: np.ndarray = field(default_factory=lambda: np.zeros(NUM_Z))
     yty: float = 0.0
     count: int = 0
 
-    def add(self, atomic_numbers: np.ndarray, energy: float) -> None:
+    def add(self, atomic_numbers: np.ndarray, energy: float, fractions: bool = False) -> None:
         counts = np.bincount(atomic_numbers, minlength=NUM_Z).astype(np.float64)
+        if fractions:
+            counts /= len(atomic_numbers)
         nz = np.nonzero(counts)[0]
         self.xtx[np.ix_(nz, nz)] += np.outer(counts[nz], counts[nz])
         self.xty[nz] += counts[nz] * energy
@@ -164,7 +168,10 @@ class SplitStats:
             self.targets.setdefault(name, Moments()).add(np.asarray(value, dtype=np.float64))
             if spec.extensive:
                 self.per_atom.setdefault(name, Moments()).add(np.array([value / n]))
-                self.fits.setdefault(name, CompositionFit()).add(atomic_numbers, float(value))
+            if spec.extensive or spec.per_atom_energy:
+                self.fits.setdefault(name, CompositionFit()).add(
+                    atomic_numbers, float(value), fractions=spec.per_atom_energy
+                )
 
     def merge(self, other: SplitStats) -> None:
         self.records += other.records

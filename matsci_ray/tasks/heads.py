@@ -67,7 +67,8 @@ class ScalarHead(Head):
 
 
 class EnergyHead(Head):
-    """Extensive energy: ``Σ_i (e_Z(i) + scale · MLP(h_i))`` with fitted reference energies."""
+    """Energy from atoms: ``Σ_i (e_Z(i) + scale · MLP(h_i))`` with fitted reference energies,
+    or the mean over atoms for energies per atom (``task.readout == "mean"``)."""
 
     def __init__(self, task: TaskSpec, node_dim: int, hidden: int) -> None:
         super().__init__(task)
@@ -81,13 +82,19 @@ class EnergyHead(Head):
         return "energy" if self.task.kind == "forces" else self.task.target
 
     def fit_normalisation(self, split_summary: dict[str, Any]) -> None:
-        fit = split_summary["reference_energies"][self.energy_target]
+        fit = split_summary["reference_energies"].get(self.energy_target)
+        if fit is None:  # a manifest from before per-atom-energy fits: the mean, unit scale
+            stats = split_summary["targets"][self.energy_target]
+            self.reference.fill_(stats["mean"])
+            self.scale.fill_(max(stats["std"], 1e-6))
+            return
         # an element absent from training (OC20: 4 of the sample's validation elements) starts
         # from the mean per-atom energy, not from zero (off by ~5 eV per atom)
         self.reference.fill_(fit.get("mean_per_atom", 0.0))
         for z, e in fit["per_element"].items():
             self.reference[int(z)] = e
-        mean_atoms = split_summary["atoms_per_record"]["mean"]
+        # residual_rms is per structure: per atom, a sum of N independent errors grows as √N
+        mean_atoms = split_summary["atoms_per_record"]["mean"] if self.task.extensive else 1.0
         self.scale.fill_(max(fit["residual_rms"] / mean_atoms**0.5, 1e-3))
         forces = split_summary["targets"].get("forces")
         if forces is not None:
@@ -98,10 +105,13 @@ class EnergyHead(Head):
 
     def forward(self, out: EncoderOutput, batch: Any) -> Tensor:
         per_atom = self.reference[batch.z] + self.scale * self.net(out.node).squeeze(-1)
-        return scatter(per_atom, batch.batch, dim=0, dim_size=batch.num_graphs, reduce="sum")
+        reduce = "sum" if self.task.extensive else "mean"
+        return scatter(per_atom, batch.batch, dim=0, dim_size=batch.num_graphs, reduce=reduce)
 
     def loss(self, pred: Tensor, target: Tensor, natoms: Tensor) -> Tensor:
-        return ((pred - target) / (natoms * self.scale)).pow(2).mean()
+        """Squared error per atom in units of ``scale`` (already per atom when intensive)."""
+        per_atom = natoms if self.task.extensive else torch.ones_like(natoms)
+        return ((pred - target) / (per_atom * self.scale)).pow(2).mean()
 
     def force_loss(self, pred: Tensor, target: Tensor) -> Tensor:
         return ((pred - target) / self.force_scale).pow(2).mean()
@@ -131,6 +141,6 @@ class ClassHead(Head):
 def build_head(task: TaskSpec, node_dim: int, graph_dim: int, hidden: int) -> Head:
     if task.kind in ("binary", "multiclass"):
         return ClassHead(task, graph_dim, hidden, num_classes=230)
-    if task.extensive:
+    if task.readout in ("sum", "mean"):
         return EnergyHead(task, node_dim, hidden)
     return ScalarHead(task, graph_dim, hidden)

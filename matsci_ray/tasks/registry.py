@@ -12,6 +12,7 @@ from typing import Literal
 from matsci_ray import keys as K
 
 TaskKind = Literal["regression", "forces", "binary", "multiclass"]
+Readout = Literal["sum", "mean", "graph"]
 Metric = Literal["mse", "mae", "accuracy"]
 
 
@@ -24,11 +25,30 @@ class TaskSpec:
     metric: Metric
     unit: str
     description: str
+    # OC20's convention (OCP's train_on_free_atoms / eval_on_free_atoms): forces are learned
+    # and scored on the atoms the relaxation moves; fixed subsurface atoms keep the large
+    # residual forces of a slab cut from bulk, which no relaxation was asked to remove.
+    free_atoms_only: bool = False
 
     @property
     def extensive(self) -> bool:
         """Predicted as a sum over atoms plus per-element reference energies."""
         return self.kind == "forces" or K.TARGETS[self.target].extensive
+
+    @property
+    def columns(self) -> list[str]:
+        """The target columns a batch must carry for this task."""
+        if self.kind != "forces":
+            return [self.target]
+        return [K.ENERGY, K.FORCES] + ([K.FIXED] if self.free_atoms_only else [])
+
+    @property
+    def readout(self) -> Readout:
+        """How the prediction is read out: atoms' energies summed (total energies) or averaged
+        (energies per atom), or from the structure embedding (everything else)."""
+        if self.extensive:
+            return "sum"
+        return "mean" if K.TARGETS[self.target].per_atom_energy else "graph"
 
     @property
     def metric_name(self) -> str:
@@ -40,19 +60,33 @@ class TaskSpec:
 
 
 def _row(
-    name: str, dataset: str, target: str, kind: TaskKind, metric: Metric, doc: str
+    name: str,
+    dataset: str,
+    target: str,
+    kind: TaskKind,
+    metric: Metric,
+    doc: str,
+    free_atoms_only: bool = False,
 ) -> TaskSpec:
     unit = K.TARGETS[target].unit
     if metric == "mse" and unit:
         unit = f"({unit})²"
-    return TaskSpec(name, dataset, target, kind, metric, unit, doc)
+    return TaskSpec(name, dataset, target, kind, metric, unit, doc, free_atoms_only)
 
 
 TASKS: dict[str, TaskSpec] = {
     t.name: t
     for t in (
         _row("s2ef-energy", "oc20-s2ef", K.ENERGY, "regression", "mse", "OC20 S2EF total energy"),
-        _row("s2ef-forces", "oc20-s2ef", K.FORCES, "forces", "mae", "OC20 S2EF forces, −∂E/∂r"),
+        _row(
+            "s2ef-forces",
+            "oc20-s2ef",
+            K.FORCES,
+            "forces",
+            "mae",
+            "OC20 S2EF forces, −∂E/∂r, on free atoms",
+            free_atoms_only=True,
+        ),
         _row(
             "is2re",
             "oc20-is2re",

@@ -18,7 +18,7 @@ from matsci_ray.models import build_encoder
 from matsci_ray.potential import MatSciModel
 from matsci_ray.tasks.registry import TASKS
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: formation energy read out from atoms (EnergyHead)
 FILENAME = "checkpoint.pt"
 
 

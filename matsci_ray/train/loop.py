@@ -36,7 +36,7 @@ from matsci_ray.train.telemetry import Telemetry
 def batch_targets(model: MatSciModel) -> list[str]:
     names: list[str] = []
     for task in model.tasks.values():
-        names += ["energy", "forces"] if task.kind == "forces" else [task.target]
+        names += task.columns
     return list(dict.fromkeys(names))
 
 

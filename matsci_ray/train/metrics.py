@@ -33,7 +33,7 @@ def task_losses(
         if task.kind == "forces":
             assert isinstance(head, EnergyHead)
             mask = model.mask(batch, name, ENERGY)
-            atom_mask = mask[batch.batch]
+            atom_mask = model.force_atoms(batch, name, mask)
             e_loss = head.loss(
                 _masked(value, mask),
                 _masked(batch[ENERGY], mask),
@@ -79,9 +79,12 @@ class MetricSums:
             n = int(mask.sum())
             if task.kind == "forces":
                 self._add(f"{name}/energy_mse", (pred - target).pow(2).sum(), n)
-                atoms = mask[batch.batch]
-                err = preds[name]["forces"].detach()[atoms] - batch[FORCES][atoms]
-                self._add(f"{name}/mae", err.abs().sum(), err.numel())
+                err = (preds[name]["forces"].detach() - batch[FORCES]).abs()
+                atoms = self.model.force_atoms(batch, name, mask)
+                self._add(f"{name}/mae", err[atoms].sum(), err[atoms].numel())
+                if task.free_atoms_only:  # every atom too, comparable with other force sets
+                    every = mask[batch.batch]
+                    self._add(f"{name}/mae_all_atoms", err[every].sum(), err[every].numel())
             elif isinstance(self.model.head(name), ClassHead):
                 head = self.model.head(name)
                 assert isinstance(head, ClassHead)

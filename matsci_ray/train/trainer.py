@@ -29,8 +29,7 @@ GEOMETRY = [K.DATASET, K.SAMPLE_ID, K.ATOMIC_NUMBERS, K.POSITIONS, K.CELL, K.PBC
 def needed_columns(config: ExperimentConfig) -> list[str]:
     columns = list(GEOMETRY)
     for name in config.tasks:
-        task = TASKS[name]
-        columns += [K.ENERGY, K.FORCES] if task.kind == "forces" else [task.target]
+        columns += TASKS[name].columns
     return list(dict.fromkeys(columns))
 
 

@@ -1,0 +1,61 @@
+"""Force tasks learn and score the atoms their data set's convention names: OC20 its free atoms,
+every other force set all atoms."""
+
+from __future__ import annotations
+
+import ase.io
+import numpy as np
+import torch
+
+from matsci_ray.graphs.batching import RadiusGraphTransform, rows_to_pyg_batch
+from matsci_ray.inference import atoms_to_columns
+from matsci_ray.models import build_encoder
+from matsci_ray.potential import MatSciModel
+from matsci_ray.tasks.registry import TASKS
+from matsci_ray.train.metrics import MetricSums, task_losses
+from tests.samples import SAMPLES
+
+
+def _oc20_batch() -> tuple[object, np.ndarray]:
+    frames = [
+        ase.io.read(SAMPLES / "oc20" / "trajectories" / name, 0)
+        for name in ("random1000100.traj", "random1000102.traj")
+    ]
+    fixed = np.concatenate([np.isin(np.arange(len(a)), a.constraints[0].index) for a in frames])
+    assert 0 < fixed.sum() < len(fixed)
+    batch = rows_to_pyg_batch(RadiusGraphTransform(4.0)(atoms_to_columns(frames)), [])
+    batch.energy = torch.zeros(batch.num_graphs)
+    batch.forces = torch.zeros(len(fixed), 3)
+    batch.fixed = torch.from_numpy(fixed)
+    return batch, fixed
+
+
+def test_oc20_forces_are_scored_and_learned_on_free_atoms_only() -> None:
+    assert TASKS["s2ef-forces"].free_atoms_only and "fixed" in TASKS["s2ef-forces"].columns
+    assert not TASKS["lips-forces"].free_atoms_only
+    torch.manual_seed(0)
+    encoder = build_encoder("egnn", 4.0, {"hidden_dim": 8, "num_layers": 1, "num_rbf": 4})
+    model = MatSciModel(encoder, [TASKS["s2ef-forces"], TASKS["lips-forces"]], head_hidden=8)
+    batch, fixed = _oc20_batch()
+    preds = model(batch, forces=True)
+
+    sums = MetricSums(model, distributed=False)
+    sums.update(preds, batch)
+    metrics = sums.compute()
+    for name in ("s2ef-forces", "lips-forces"):
+        predicted = preds[name]["forces"].detach().abs().numpy()  # targets are zero
+        on = predicted[~fixed] if TASKS[name].free_atoms_only else predicted
+        assert np.isclose(metrics[f"{name}/mae"], on.mean(), rtol=1e-5)
+    assert np.isclose(
+        metrics["s2ef-forces/mae_all_atoms"],
+        preds["s2ef-forces"]["forces"].detach().abs().mean(),
+        rtol=1e-5,
+    )
+    assert "lips-forces/mae_all_atoms" not in metrics
+
+    # targets on fixed atoms change nothing for OC20, everything for LiPS
+    before = task_losses(model, preds, batch, force_weight=1.0, energy_weight=0.0)
+    batch.forces[torch.from_numpy(fixed)] = 5.0
+    after = task_losses(model, preds, batch, force_weight=1.0, energy_weight=0.0)
+    assert torch.equal(before["s2ef-forces"], after["s2ef-forces"])
+    assert after["lips-forces"] > 10 * before["lips-forces"]
