@@ -150,9 +150,7 @@ def compute_rate(config: Any, repeats: int) -> float:
     def one_pass(items: list[Any]) -> float:
         start = time.perf_counter()
         for batch in items:
-            losses = task_losses(
-                model, model(batch), batch, config.loss.force_weight, config.loss.energy_weight
-            )
+            losses = task_losses(model, model(batch), batch, config.loss)
             optimizer.zero_grad(set_to_none=True)
             sum(losses.values()).backward()  # type: ignore[union-attr]
             nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip or 1e9)

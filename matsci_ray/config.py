@@ -65,6 +65,12 @@ class ModelConfig(_Strict):
 class LossConfig(_Strict):
     energy_weight: float = Field(1.0, ge=0, description="energy term of force tasks")
     force_weight: float = Field(10.0, ge=0, description="force term of force tasks")
+    force_loss: Literal["mse", "l2mae"] = Field(
+        "mse",
+        description="squared error of force components, or OCP's L2MAE: the mean Euclidean "
+        "norm of each atom's force error, whose gradient per atom is bounded (an OC20 frame "
+        "with 90 eV/Å forces cannot dominate a step)",
+    )
     task_weights: dict[str, float] = Field(default_factory=dict)
     combine: Literal["additive", "pcgrad"] = "additive"
 

@@ -7,6 +7,7 @@ import ase.io
 import numpy as np
 import torch
 
+from matsci_ray.config import LossConfig
 from matsci_ray.graphs.batching import RadiusGraphTransform, rows_to_pyg_batch
 from matsci_ray.inference import atoms_to_columns
 from matsci_ray.models import build_encoder
@@ -54,8 +55,36 @@ def test_oc20_forces_are_scored_and_learned_on_free_atoms_only() -> None:
     assert "lips-forces/mae_all_atoms" not in metrics
 
     # targets on fixed atoms change nothing for OC20, everything for LiPS
-    before = task_losses(model, preds, batch, force_weight=1.0, energy_weight=0.0)
+    forces_only = LossConfig(energy_weight=0.0, force_weight=1.0)
+    before = task_losses(model, preds, batch, forces_only)
     batch.forces[torch.from_numpy(fixed)] = 5.0
-    after = task_losses(model, preds, batch, force_weight=1.0, energy_weight=0.0)
+    after = task_losses(model, preds, batch, forces_only)
     assert torch.equal(before["s2ef-forces"], after["s2ef-forces"])
     assert after["lips-forces"] > 10 * before["lips-forces"]
+
+
+def test_l2mae_force_loss_bounds_each_atoms_pull() -> None:
+    """OCP's L2MAE is the mean norm of per-atom force errors: one atom 90 eV/Å off pulls on the
+    step no harder than one 0.1 eV/Å off, where the squared error lets it dominate; and its
+    double backward stays finite where the error is exactly zero."""
+    from matsci_ray.tasks.heads import EnergyHead
+
+    head = EnergyHead(TASKS["s2ef-forces"], node_dim=4, hidden=4)
+    head.force_scale.fill_(0.5)
+    target = torch.zeros(4, 3)
+    target[0] = torch.tensor([90.0, 0.0, 0.0])
+    pred = torch.zeros(4, 3, requires_grad=True)
+    pred_data = pred.detach().clone()
+    pred_data[1] = torch.tensor([0.0, 0.1, 0.0])
+    with torch.no_grad():
+        pred.copy_(pred_data)
+    l2mae = head.force_loss(pred, target, "l2mae")
+    norms = ((pred_data - target) / 0.5).norm(dim=1)
+    assert torch.isclose(l2mae, norms.mean(), rtol=1e-5)
+    (grad,) = torch.autograd.grad(l2mae, pred, create_graph=True)
+    pull = grad.norm(dim=1)
+    assert torch.isclose(pull[0], pull[1], rtol=1e-4) and pull[2] == 0
+    (mse_grad,) = torch.autograd.grad(head.force_loss(pred, target, "mse"), pred)
+    assert mse_grad[0].norm() > 500 * mse_grad[1].norm()
+    (second,) = torch.autograd.grad(grad.sum(), pred)
+    assert torch.isfinite(second).all()

@@ -113,8 +113,13 @@ class EnergyHead(Head):
         per_atom = natoms if self.task.extensive else torch.ones_like(natoms)
         return ((pred - target) / (per_atom * self.scale)).pow(2).mean()
 
-    def force_loss(self, pred: Tensor, target: Tensor) -> Tensor:
-        return ((pred - target) / self.force_scale).pow(2).mean()
+    def force_loss(self, pred: Tensor, target: Tensor, kind: str = "mse") -> Tensor:
+        """``mse``: mean squared component error; ``l2mae``: mean per-atom error norm (both in
+        units of ``force_scale``)."""
+        err = (pred - target) / self.force_scale
+        if kind == "l2mae":  # the epsilon keeps the norm's (double) backward finite at zero
+            return err.pow(2).sum(-1).add(1e-12).sqrt().mean()
+        return err.pow(2).mean()
 
 
 class ClassHead(Head):

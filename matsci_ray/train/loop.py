@@ -218,9 +218,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             batch = collate(rows, targets, core.datasets).to(device)
             waited += time.monotonic() - wait
             preds = model(batch)
-            losses = task_losses(
-                core, preds, batch, config.loss.force_weight, config.loss.energy_weight
-            )
+            losses = task_losses(core, preds, batch, config.loss)
             step(losses)
             scheduler.step()
             for name, loss in losses.items():

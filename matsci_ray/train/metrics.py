@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from matsci_ray.config import LossConfig
 from matsci_ray.keys import ENERGY, FORCES
 from matsci_ray.potential import MatSciModel, Predictions
 from matsci_ray.tasks.heads import ClassHead, EnergyHead
@@ -22,7 +23,7 @@ def _masked(tensor: Tensor, mask: Tensor) -> Tensor:
 
 
 def task_losses(
-    model: MatSciModel, preds: Predictions, batch: Any, force_weight: float, energy_weight: float
+    model: MatSciModel, preds: Predictions, batch: Any, config: LossConfig
 ) -> dict[str, Tensor]:
     """Scale-free loss per task; a task absent from the batch contributes an exact zero that
     still touches its head (DDP expects every parameter in every step)."""
@@ -40,9 +41,11 @@ def task_losses(
                 _masked(batch.natoms, mask).to(value.dtype),
             )
             f_loss = head.force_loss(
-                _masked(preds[name]["forces"], atom_mask), _masked(batch[FORCES], atom_mask)
+                _masked(preds[name]["forces"], atom_mask),
+                _masked(batch[FORCES], atom_mask),
+                config.force_loss,
             )
-            loss = energy_weight * e_loss + force_weight * f_loss
+            loss = config.energy_weight * e_loss + config.force_weight * f_loss
         else:
             mask = model.mask(batch, name, task.target)
             pred, target = _masked(value, mask), _masked(batch[task.target], mask)
