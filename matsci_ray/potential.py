@@ -19,6 +19,11 @@ from matsci_ray.tasks.registry import TaskSpec
 Predictions = dict[str, dict[str, Tensor]]
 
 
+def reads_graph(task: TaskSpec) -> bool:
+    """Whether the task's head reads the pooled structure embedding (classes, properties)."""
+    return task.kind in ("binary", "multiclass") or task.readout == "graph"
+
+
 class MatSciModel(nn.Module):
     def __init__(self, encoder: Encoder, tasks: list[TaskSpec], head_hidden: int = 128) -> None:
         super().__init__()
@@ -65,6 +70,10 @@ class MatSciModel(nn.Module):
         if want_forces and not batch.pos.requires_grad:
             batch.pos.requires_grad_(True)
         out = self.encoder(batch)
+        # DDP expects every parameter in every step: when every head reads atoms (energies),
+        # the encoder's structure readout (MEGNet's Set2Set) joins the graph as an exact zero
+        if not any(reads_graph(t) for t in self.tasks.values()):
+            out = out._replace(node=out.node + 0.0 * out.graph.sum())
         preds: Predictions = {}
         for name, head in self.heads.items():
             value = head(out, batch)

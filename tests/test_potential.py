@@ -124,3 +124,14 @@ def test_predictions_invariant_to_rotation_translation_and_image(name: str) -> N
         else:
             torch.testing.assert_close(rotated[name_], reference[name_], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(wrapped[name_], reference[name_], rtol=1e-5, atol=1e-6)
+
+
+def test_every_parameter_gets_a_gradient_when_heads_read_atoms_only() -> None:
+    """DDP fails a step in which a parameter got no gradient: formation energy reads atoms, so
+    MEGNet's Set2Set readout must still join the graph (as an exact zero)."""
+    torch.manual_seed(0)
+    model = MatSciModel(
+        build_encoder("megnet", CUTOFF, SMALL["megnet"]), [TASKS["mp-formation-energy"]], 8
+    ).double()
+    model(_batch(_structures()))["mp-formation-energy"]["value"].sum().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
