@@ -19,6 +19,7 @@ from ase import Atoms
 from ase.optimize import FIRE
 
 from matsci_ray.cli.main import main
+from matsci_ray.config import LossConfig
 from matsci_ray.data.manifest import read_manifest
 from matsci_ray.graphs.batching import RadiusGraphTransform, rows_to_pyg_batch
 from matsci_ray.inference import (
@@ -32,6 +33,7 @@ from matsci_ray.train.checkpoint import load_model, save_checkpoint
 from matsci_ray.train.metrics import task_losses
 from tests.samples import ingest_in_process, tiny_model
 
+LOSS = LossConfig(force_weight=1.0, energy_weight=0.1)
 MP_TASKS = ["mp-formation-energy", "mp-band-gap", "mp-stability", "mp-space-group"]
 FORCES = "lips-forces"
 
@@ -86,7 +88,7 @@ def _checkpoint(
         model.train()
         for _ in range(30):
             optimizer.zero_grad()
-            losses = task_losses(model, model(batch, forces=True), batch, 1.0, 0.1)
+            losses = task_losses(model, model(batch, forces=True), batch, LOSS)
             sum(losses.values()).backward()
             optimizer.step()
         model.eval()
