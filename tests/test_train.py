@@ -61,7 +61,10 @@ def _config(
     return ExperimentConfig.model_validate(raw)
 
 
-MP_TASKS = ["mp-formation-energy", "mp-stability", "mp-space-group"]
+# Band gap, not formation energy: formation energy starts from its composition fit (train
+# loss ~1.0 in residual units), which a tiny MEGNet does not reliably improve in 3 epochs;
+# its readout is tested in test_stats and test_potential, and trained in benchmarks/figures.py.
+MP_TASKS = ["mp-band-gap", "mp-stability", "mp-space-group"]
 
 
 @pytest.mark.parametrize("model", ["egnn", "megnet", "gala"])
@@ -78,7 +81,7 @@ def test_loss_decreases_and_checkpoint_reloads(model: str, data_root: Path, tmp_
 
     # the checkpoint alone reproduces the run's own validation metrics
     metrics = evaluate_checkpoint(result.checkpoint.path, split="val")
-    for key in ("mp-formation-energy/mse", "mp-stability/accuracy"):
+    for key in ("mp-band-gap/mse", "mp-stability/accuracy"):
         assert metrics[key] == pytest.approx(result.metrics[f"val/{key}"], rel=1e-5)
 
     # save → load → identical predictions, bit for bit
