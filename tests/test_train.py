@@ -74,9 +74,9 @@ def test_loss_decreases_and_checkpoint_reloads(model: str, data_root: Path, tmp_
     assert result.error is None
     history = read_history(config.run.storage / config.name)
     assert [row["epoch"] for row in history] == [1, 2, 3]
-    for task in MP_TASKS:
-        losses = [row[f"train/{task}/loss"] for row in history]
-        assert losses[-1] < losses[0], (task, losses)
+    # the objective is the sum over tasks; one task's loss may rise while the sum falls
+    losses = [sum(row[f"train/{task}/loss"] for task in MP_TASKS) for row in history]
+    assert losses[-1] < losses[0], losses
     assert 0.0 <= result.metrics["val/mp-stability/accuracy"] <= 1.0
 
     # the checkpoint alone reproduces the run's own validation metrics
