@@ -19,17 +19,15 @@ from matsci_ray.tasks.registry import TaskSpec
 Predictions = dict[str, dict[str, Tensor]]
 
 
-def reads_graph(task: TaskSpec) -> bool:
-    """Whether the task's head reads the pooled structure embedding (classes, properties)."""
-    return task.kind in ("binary", "multiclass") or task.readout == "graph"
-
-
 class MatSciModel(nn.Module):
     def __init__(self, encoder: Encoder, tasks: list[TaskSpec], head_hidden: int = 128) -> None:
         super().__init__()
         self.encoder = encoder
         self.tasks = {t.name: t for t in tasks}
         self.datasets = list(dict.fromkeys(t.dataset for t in tasks))
+        # DDP expects every parameter in every step: when every head reads atoms (energies),
+        # the encoder's structure readout (MEGNet's Set2Set) must join the graph as an exact zero
+        self._graph_unread = all(t.readout != "graph" for t in tasks)
         self.heads = nn.ModuleDict(
             {t.name: build_head(t, encoder.node_dim, encoder.graph_dim, head_hidden) for t in tasks}
         )
@@ -70,9 +68,7 @@ class MatSciModel(nn.Module):
         if want_forces and not batch.pos.requires_grad:
             batch.pos.requires_grad_(True)
         out = self.encoder(batch)
-        # DDP expects every parameter in every step: when every head reads atoms (energies),
-        # the encoder's structure readout (MEGNet's Set2Set) joins the graph as an exact zero
-        if not any(reads_graph(t) for t in self.tasks.values()):
+        if self._graph_unread:
             out = out._replace(node=out.node + 0.0 * out.graph.sum())
         preds: Predictions = {}
         for name, head in self.heads.items():

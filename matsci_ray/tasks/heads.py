@@ -8,7 +8,7 @@ puts tasks of different units on a comparable footing.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -66,6 +66,18 @@ class ScalarHead(Head):
         return ((pred - target) / self.std).pow(2).mean()
 
 
+def reference_table(fit: dict[str, Any]) -> Tensor:
+    """Reference energy per atomic number from a manifest's ``reference_energies`` entry.
+
+    An element absent from training (OC20: 4 of the sample's validation elements) gets the
+    mean per-atom energy, not zero (off by ~5 eV per atom for total energies).
+    """
+    table = torch.full((NUM_Z,), float(fit.get("mean_per_atom", 0.0)))
+    for z, e in fit["per_element"].items():
+        table[int(z)] = e
+    return table
+
+
 class EnergyHead(Head):
     """Energy from atoms: ``Σ_i (e_Z(i) + scale · MLP(h_i))`` with fitted reference energies,
     or the mean over atoms for energies per atom (``task.readout == "mean"``)."""
@@ -88,11 +100,7 @@ class EnergyHead(Head):
             self.reference.fill_(stats["mean"])
             self.scale.fill_(max(stats["std"], 1e-6))
             return
-        # an element absent from training (OC20: 4 of the sample's validation elements) starts
-        # from the mean per-atom energy, not from zero (off by ~5 eV per atom)
-        self.reference.fill_(fit.get("mean_per_atom", 0.0))
-        for z, e in fit["per_element"].items():
-            self.reference[int(z)] = e
+        self.reference.copy_(reference_table(fit))
         # residual_rms is per structure: per atom, a sum of N independent errors grows as √N
         mean_atoms = split_summary["atoms_per_record"]["mean"] if self.task.extensive else 1.0
         self.scale.fill_(max(fit["residual_rms"] / mean_atoms**0.5, 1e-3))
@@ -113,7 +121,9 @@ class EnergyHead(Head):
         per_atom = natoms if self.task.extensive else torch.ones_like(natoms)
         return ((pred - target) / (per_atom * self.scale)).pow(2).mean()
 
-    def force_loss(self, pred: Tensor, target: Tensor, kind: str = "mse") -> Tensor:
+    def force_loss(
+        self, pred: Tensor, target: Tensor, kind: Literal["mse", "l2mae"] = "mse"
+    ) -> Tensor:
         """``mse``: mean squared component error; ``l2mae``: mean per-atom error norm (both in
         units of ``force_scale``)."""
         err = (pred - target) / self.force_scale
