@@ -9,18 +9,21 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import ray.data
 
 from matsci_ray import keys as K
 from matsci_ray.data.dataset import open_dataset, sample_rows, shard_paths
 from matsci_ray.data.ingest import run_ingest
 from matsci_ray.data.shards import IngestOptions, StrictModeError
 from matsci_ray.data.splits import SplitConfig
+from matsci_ray.train.trainer import cached_epochs
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -119,6 +122,41 @@ def test_sampled_rows_are_exact_uniform_and_repeatable(oc20: tuple[Path, dict]) 
     assert sorted(ids) == sorted(r[K.SAMPLE_ID] for r in draw(200, seed=42))
     assert set(ids) != {r[K.SAMPLE_ID] for r in draw(200, seed=7)}
     assert len(draw(total + 5, seed=42)) == total
+
+
+def _epochs_as_ray_train_reads(ds: ray.data.Dataset, epochs: int) -> list[list[str]]:
+    """Sample ids in the order a 2-worker run sees them, per epoch: one streaming_split whose
+    shards both iterate every epoch (each epoch a new execution)."""
+    shards = ds.streaming_split(2, equal=False)
+    seen: list[list[list[str]]] = [[], []]
+
+    def consume(k: int) -> None:
+        for _ in range(epochs):
+            batches = shards[k].iter_batches(batch_size=64, batch_format="numpy")
+            seen[k].append([i for b in batches for i in b[K.SAMPLE_ID]])
+
+    threads = [threading.Thread(target=consume, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [seen[0][e] + seen[1][e] for e in range(epochs)]
+
+
+def test_training_order_changes_every_epoch_and_keeps_every_row(oc20: tuple[Path, dict]) -> None:
+    """Shards follow the systems; an epoch must not sweep them in the same order every time
+    (without the seeded reshuffles both orders below repeat exactly)."""
+    out, manifest = oc20
+    columns = [K.SAMPLE_ID]
+    streamed = open_dataset(out, "oc20-s2ef", "train", columns=columns, shuffle_seed=3)
+    built = open_dataset(out, "oc20-s2ef", "train", columns=columns).map_batches(
+        lambda t: t, batch_size=64, batch_format="pyarrow"
+    )
+    for ds in (streamed, cached_epochs(built, seed=3)):
+        first, second = _epochs_as_ray_train_reads(ds, 2)
+        assert sorted(first) == sorted(second)
+        assert len(first) == len(set(first)) == manifest["counts"]["train"]
+        assert first != second
 
 
 def test_every_sample_source_ingests(samples: Path, tmp_path: Path) -> None:

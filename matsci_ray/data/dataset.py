@@ -34,15 +34,22 @@ def open_dataset(
     split: str,
     columns: list[str] | None = None,
     num_cpus: float | None = None,
+    shuffle_seed: int | None = None,
 ) -> ray.data.Dataset:
     """Stream the ``split`` shards of ``dataset`` as a Ray Dataset (nothing is loaded eagerly).
 
     ``num_cpus`` is what each read task asks of the scheduler (default: Ray's, one CPU).
+    ``shuffle_seed`` reads the shard files in a seeded order that changes with every
+    execution (each training epoch): shards follow the input files (an OC20 system, a chunk of
+    MP documents), so a fixed order would sweep the same groups in the same sequence each epoch.
     """
     paths = shard_paths(root, dataset, split)
     if not paths:
         raise ValueError(f"{root}/{dataset}: no records in split {split!r}")
-    return ray.data.read_parquet(paths, columns=columns, num_cpus=num_cpus)
+    shuffle = None
+    if shuffle_seed is not None:
+        shuffle = ray.data.FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
+    return ray.data.read_parquet(paths, columns=columns, num_cpus=num_cpus, shuffle=shuffle)
 
 
 def open_datasets(

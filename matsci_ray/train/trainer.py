@@ -12,6 +12,7 @@ from typing import Any
 
 import ray.data
 import ray.train
+from ray.data import RandomSeedConfig
 from ray.train.torch import TorchTrainer
 
 from matsci_ray import keys as K
@@ -40,7 +41,8 @@ def graph_dataset(
     columns added in the stream."""
     cpus = config.data.task_cpus
     root = config.data.root
-    ds = open_dataset(root, dataset, split, needed_columns(config), num_cpus=cpus)
+    seed = config.run.seed if split == "train" else None  # a new file order every epoch
+    ds = open_dataset(root, dataset, split, needed_columns(config), cpus, shuffle_seed=seed)
     if limit is not None:  # before the graphs: none is built for a row that is dropped
         ds = sample_rows(ds, root, dataset, split, limit, config.run.seed, num_cpus=cpus)
     transform = RadiusGraphTransform(config.data.cutoff, config.data.max_neighbors)
@@ -56,6 +58,13 @@ def should_cache(config: ExperimentConfig, summary: dict[str, Any]) -> bool:
     atoms = summary.get("atoms_per_record", {})
     total = float(atoms.get("mean", 0.0)) * float(atoms.get("count", summary.get("records", 0)))
     return 0 < total <= config.data.cache_max_atoms
+
+
+def cached_epochs(ds: ray.data.Dataset, seed: int) -> ray.data.Dataset:
+    """``ds`` built once and kept in the object store, its blocks (~64 rows each) visited in a
+    new seeded order every epoch; the workers' shuffle buffers mix rows within that order."""
+    order = RandomSeedConfig(seed=seed, reseed_after_execution=True)
+    return ds.materialize().randomize_block_order(seed=order)
 
 
 def manifest_splits(config: ExperimentConfig) -> dict[str, dict[str, Any]]:
@@ -98,7 +107,7 @@ def build_trainer(
             count = min(count, limit)
             summaries[name] = {**summaries[name], "records": count}
         if should_cache(config, splits["train"]):
-            train = train.materialize()
+            train = cached_epochs(train, config.run.seed)
         val = graph_dataset(config, name, config.data.val_split)
         if should_cache(config, splits.get(config.data.val_split, {})):
             val = val.materialize()
