@@ -41,7 +41,7 @@ RUNS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
         "lips-forces",
         {"data": {"batch_size": 8}, "optim": {"epochs": 40, "max_minutes": 12, "lr": 2e-3}},
     ),
-    # every training frame twice (3457 frames of 20 systems; about 12 minutes here)
+    # every training frame twice (3457 frames of 20 systems; 12-15 minutes here)
     "oc20-s2ef": ("s2ef-forces", OC20),
     # ablations (run with --only): OCP's L2MAE force loss, robust to frames like the sample's
     # random1000157:1 (90 eV/Å); and periodic-table element features, since every validation
