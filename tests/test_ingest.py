@@ -97,6 +97,36 @@ def test_oc20_split_by_system(oc20: tuple[Path, dict]) -> None:
     assert refs["residual_rms"] < 0.2 * train["targets"]["energy"]["std"]
 
 
+def test_oc20_forces_are_minus_the_energy_gradient_along_relaxations(
+    oc20: tuple[Path, dict],
+) -> None:
+    """Units and sign of the ingested labels: between consecutive frames of a relaxation the
+    energy change matches the work of the mean force, dE = -F.dx (trapezoid rule)."""
+    out, _ = oc20
+    columns = [K.SAMPLE_ID, K.GROUP, K.POSITIONS, K.ENERGY, K.FORCES]
+    frames: dict[str, dict[int, tuple[np.ndarray, float, np.ndarray]]] = {}
+    for split in K.SPLITS:
+        for path in shard_paths(out, "oc20-s2ef", split):
+            t = pq.read_table(path, columns=columns).to_pydict()
+            for sid, group, pos, energy, forces in zip(*t.values(), strict=True):
+                frames.setdefault(group, {})[int(sid.rsplit(":", 1)[1])] = (
+                    np.asarray(pos).reshape(-1, 3),
+                    energy,
+                    np.asarray(forces).reshape(-1, 3),
+                )
+    ratios = []
+    for by_index in frames.values():
+        for k, (x0, e0, f0) in by_index.items():
+            if k + 1 not in by_index:
+                continue
+            x1, e1, f1 = by_index[k + 1]
+            work = -(0.5 * (f0 + f1) * (x1 - x0)).sum()
+            if abs(work) > 0.01 and np.abs(x1 - x0).max() < 0.05:  # small, measurable steps
+                ratios.append((e1 - e0) / work)
+    assert len(ratios) > 300
+    assert np.median(ratios) == pytest.approx(1.0, abs=0.02)
+
+
 def test_open_dataset_streams_manifest_counts(oc20: tuple[Path, dict]) -> None:
     out, manifest = oc20
     ds = open_dataset(out, "oc20-s2ef", "test", columns=[K.SAMPLE_ID, K.NATOMS])
