@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Tables 4 and 5 on the samples at a small budget (see benchmarks/README.md, "Study grids").
 # From the repository root, in the project's virtualenv: bash benchmarks/grids.sh
-# ~25 min on 2 cores. Tables land in benchmarks/results/grids/.
+# ~20 min on 2 cores. Tables land in benchmarks/results/grids/.
 set -euo pipefail
 samples=${SAMPLES:-../shared/datasets}
 data=runs/bench/data
