@@ -61,8 +61,9 @@ def should_cache(config: ExperimentConfig, summary: dict[str, Any]) -> bool:
 
 
 def cached_epochs(ds: ray.data.Dataset, seed: int) -> ray.data.Dataset:
-    """``ds`` built once and kept in the object store, its blocks (~64 rows each) visited in a
-    new seeded order every epoch; the workers' shuffle buffers mix rows within that order."""
+    """``ds`` built once and kept in the object store, its blocks (a few hundred OC20 frames
+    each) visited in a new seeded order every epoch; the workers' shuffle buffers mix rows
+    within that order."""
     order = RandomSeedConfig(seed=seed, reseed_after_execution=True)
     return ds.materialize().randomize_block_order(seed=order)
 
