@@ -64,12 +64,15 @@ class ModelConfig(_Strict):
 
 class LossConfig(_Strict):
     energy_weight: float = Field(1.0, ge=0, description="energy term of force tasks")
-    force_weight: float = Field(10.0, ge=0, description="force term of force tasks")
-    force_loss: Literal["mse", "l2mae"] = Field(
-        "mse",
+    force_weight: float | None = Field(
+        None, ge=0, description="force term of force tasks; default: each task's own"
+    )
+    force_loss: Literal["mse", "l2mae"] | None = Field(
+        None,
         description="squared error of force components, or OCP's L2MAE: the mean Euclidean "
         "norm of each atom's force error, whose gradient per atom is bounded (an OC20 frame "
-        "with 90 eV/Å forces cannot dominate a step)",
+        "with 90 eV/Å forces cannot dominate a step); default: each task's own (L2MAE for "
+        "OC20, squared errors for LiPS)",
     )
     task_weights: dict[str, float] = Field(default_factory=dict)
     combine: Literal["additive", "pcgrad"] = "additive"

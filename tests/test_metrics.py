@@ -88,3 +88,34 @@ def test_l2mae_force_loss_bounds_each_atoms_pull() -> None:
     assert mse_grad[0].norm() > 500 * mse_grad[1].norm()
     (second,) = torch.autograd.grad(grad.sum(), pred)
     assert torch.isfinite(second).all()
+
+
+def test_each_force_task_learns_with_its_own_loss_unless_the_experiment_overrides_it() -> None:
+    """OC20 forces default to OCP's loss (L2MAE at 100 to the energy's 1), LiPS to squared
+    errors at 10; an experiment's ``loss`` section overrides both."""
+    torch.manual_seed(0)
+    encoder = build_encoder("egnn", 4.0, {"hidden_dim": 8, "num_layers": 1, "num_rbf": 4})
+    model = MatSciModel(encoder, [TASKS["s2ef-forces"], TASKS["lips-forces"]], head_hidden=8)
+    batch, fixed = _oc20_batch()
+    batch.fixed = torch.zeros_like(batch.fixed)  # every atom scored, so both tasks see the same
+    batch.forces = torch.randn(len(fixed), 3)
+    preds = model(batch, forces=True)
+    forces = preds["s2ef-forces"]["forces"].detach()
+
+    def by_hand(name: str, kind: str, weight: float) -> float:
+        head = model.head(name)
+        err = (preds[name]["forces"].detach() - batch.forces) / head.force_scale
+        f_loss = err.norm(dim=1).mean() if kind == "l2mae" else err.pow(2).mean()
+        n = batch.natoms.double()
+        e_loss = ((preds[name]["value"].detach() - batch.energy) / (n * head.scale)).pow(2).mean()
+        return float(e_loss + weight * f_loss)
+
+    assert forces.abs().max() > 0
+    defaults = task_losses(model, preds, batch, LossConfig())
+    assert np.isclose(
+        float(defaults["s2ef-forces"].detach()), by_hand("s2ef-forces", "l2mae", 100.0)
+    )
+    assert np.isclose(float(defaults["lips-forces"].detach()), by_hand("lips-forces", "mse", 10.0))
+    chosen = task_losses(model, preds, batch, LossConfig(force_loss="mse", force_weight=3.0))
+    for name in ("s2ef-forces", "lips-forces"):
+        assert np.isclose(float(chosen[name].detach()), by_hand(name, "mse", 3.0))

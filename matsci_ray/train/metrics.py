@@ -43,9 +43,10 @@ def task_losses(
             f_loss = head.force_loss(
                 _masked(preds[name]["forces"], atom_mask),
                 _masked(batch[FORCES], atom_mask),
-                config.force_loss,
+                config.force_loss or task.force_loss,
             )
-            loss = config.energy_weight * e_loss + config.force_weight * f_loss
+            force_weight = task.force_weight if config.force_weight is None else config.force_weight
+            loss = config.energy_weight * e_loss + force_weight * f_loss
         else:
             mask = model.mask(batch, name, task.target)
             pred, target = _masked(value, mask), _masked(batch[task.target], mask)
