@@ -3,6 +3,8 @@ every other force set all atoms."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import ase.io
 import numpy as np
 import torch
@@ -119,3 +121,47 @@ def test_each_force_task_learns_with_its_own_loss_unless_the_experiment_override
     chosen = task_losses(model, preds, batch, LossConfig(force_loss="mse", force_weight=3.0))
     for name in ("s2ef-forces", "lips-forces"):
         assert np.isclose(float(chosen[name].detach()), by_hand(name, "mse", 3.0))
+
+
+def test_oc20_forces_are_learned_with_the_tasks_default_loss(tmp_path: Path) -> None:
+    """A tiny EGNN fits one OC20 system's free-atom forces well below zero forces in 500 steps
+    of 8 frames under the task's own loss (in-process; the Ray run on 20 systems is in the
+    README's figures)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from matsci_ray.data.dataset import shard_paths
+    from tests.samples import ingest_in_process, tiny_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # ~20 ms steps; two threads spin on a 2-core machine
+    root = ingest_in_process(
+        "oc20-s2ef", SAMPLES / "oc20" / "trajectories" / "random1000100.traj", tmp_path
+    )
+    frames = pa.concat_tables(
+        pq.read_table(path)
+        for split in ("train", "val", "test")
+        for path in shard_paths(root, "oc20-s2ef", split)
+    )
+    model, config = tiny_model("oc20", root, ["s2ef-forces"])
+    rows = RadiusGraphTransform(config.data.cutoff)(
+        {c: frames[c].to_numpy(zero_copy_only=False) for c in frames.column_names}
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rng = np.random.default_rng(0)
+    columns = TASKS["s2ef-forces"].columns
+    errors, zeros = [], []
+    for _ in range(500):
+        pick = rng.choice(frames.num_rows, 8, replace=False)
+        batch = rows_to_pyg_batch({k: v[pick] for k, v in rows.items()}, columns)
+        preds = model(batch, forces=True)
+        optimizer.zero_grad()
+        sum(task_losses(model, preds, batch, LossConfig()).values()).backward()
+        optimizer.step()
+        free = ~batch.fixed
+        error = preds["s2ef-forces"]["forces"].detach() - batch.forces
+        errors.append(float(error[free].abs().mean()))
+        zeros.append(float(batch.forces[free].abs().mean()))
+    torch.set_num_threads(threads)
+    # 0.66 here; squared errors at weight 10 (the LiPS loss) reach 0.77
+    assert np.mean(errors[-100:]) < 0.72 * np.mean(zeros[-100:])
