@@ -41,10 +41,10 @@ RUNS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
         "lips-forces",
         {"data": {"batch_size": 8}, "optim": {"epochs": 40, "max_minutes": 12, "lr": 2e-3}},
     ),
-    # every training frame twice (3457 frames of 20 systems; 12-15 minutes here), with the
+    # every training frame twice (3457 frames of 20 systems; 14-18 minutes here), with the
     # task's own loss: OCP's L2MAE forces at 100 to the energy's 1
     "oc20-s2ef": ("s2ef-forces", OC20),
-    # ablations (run with --only): three times the budget (~45 minutes here)
+    # ablations (run with --only): three times the budget (~1 hour here)
     "oc20-s2ef-6-epochs": ("s2ef-forces", {**OC20, "optim": {"epochs": 6, "lr": 2e-3}}),
     # squared force errors at weight 10, the loss LiPS learns with (on OC20 it stays at zero
     # forces: frames like random1000157:1 reach 90 eV/Å); L2MAE at weight 10; and
@@ -135,13 +135,14 @@ def forces_by_element(checkpoint: Path, root: Path, task: str) -> dict[str, dict
 
     from matsci_ray.data.dataset import shard_paths
     from matsci_ray.graphs.batching import RadiusGraphTransform, rows_to_pyg_batch
+    from matsci_ray.tasks.heads import NUM_Z
     from matsci_ray.tasks.registry import TASKS
     from matsci_ray.train.checkpoint import load_model
 
     spec = TASKS[task]
     model, config, _ = load_model(checkpoint)
     transform = RadiusGraphTransform(config.data.cutoff, config.data.max_neighbors)
-    error, zero = np.zeros(128), np.zeros(128)  # summed |component| per atomic number
+    error, zero = np.zeros(NUM_Z), np.zeros(NUM_Z)  # summed |component| per atomic number
     for path in shard_paths(root, spec.dataset, "val"):
         table = pq.read_table(path)
         rows = transform({c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names})

@@ -12,7 +12,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from matsci_ray.tasks.registry import TASKS
+from matsci_ray.tasks.registry import TASKS, ForceLoss
 
 
 class _Strict(BaseModel):
@@ -67,7 +67,7 @@ class LossConfig(_Strict):
     force_weight: float | None = Field(
         None, ge=0, description="force term of force tasks; default: each task's own"
     )
-    force_loss: Literal["mse", "l2mae"] | None = Field(
+    force_loss: ForceLoss | None = Field(
         None,
         description="squared error of force components, or OCP's L2MAE: the mean Euclidean "
         "norm of each atom's force error, whose gradient per atom is bounded (an OC20 frame "

@@ -151,17 +151,19 @@ def test_oc20_forces_are_learned_with_the_tasks_default_loss(tmp_path: Path) -> 
     rng = np.random.default_rng(0)
     columns = TASKS["s2ef-forces"].columns
     errors, zeros = [], []
-    for _ in range(500):
-        pick = rng.choice(frames.num_rows, 8, replace=False)
-        batch = rows_to_pyg_batch({k: v[pick] for k, v in rows.items()}, columns)
-        preds = model(batch, forces=True)
-        optimizer.zero_grad()
-        sum(task_losses(model, preds, batch, LossConfig()).values()).backward()
-        optimizer.step()
-        free = ~batch.fixed
-        error = preds["s2ef-forces"]["forces"].detach() - batch.forces
-        errors.append(float(error[free].abs().mean()))
-        zeros.append(float(batch.forces[free].abs().mean()))
-    torch.set_num_threads(threads)
+    try:
+        for _ in range(500):
+            pick = rng.choice(frames.num_rows, 8, replace=False)
+            batch = rows_to_pyg_batch({k: v[pick] for k, v in rows.items()}, columns)
+            preds = model(batch, forces=True)
+            optimizer.zero_grad()
+            sum(task_losses(model, preds, batch, LossConfig()).values()).backward()
+            optimizer.step()
+            free = ~batch.fixed
+            error = preds["s2ef-forces"]["forces"].detach() - batch.forces
+            errors.append(float(error[free].abs().mean()))
+            zeros.append(float(batch.forces[free].abs().mean()))
+    finally:
+        torch.set_num_threads(threads)
     # 0.66 here; squared errors at weight 10 (the LiPS loss) reach 0.77
     assert np.mean(errors[-100:]) < 0.72 * np.mean(zeros[-100:])

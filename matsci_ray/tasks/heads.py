@@ -8,7 +8,7 @@ puts tasks of different units on a comparable footing.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -16,7 +16,7 @@ from torch_geometric.utils import scatter
 
 from matsci_ray.models.base import EncoderOutput
 from matsci_ray.models.blocks import mlp
-from matsci_ray.tasks.registry import TaskSpec
+from matsci_ray.tasks.registry import ForceLoss, TaskSpec
 
 NUM_Z = 119
 
@@ -121,9 +121,7 @@ class EnergyHead(Head):
         per_atom = natoms if self.task.extensive else torch.ones_like(natoms)
         return ((pred - target) / (per_atom * self.scale)).pow(2).mean()
 
-    def force_loss(
-        self, pred: Tensor, target: Tensor, kind: Literal["mse", "l2mae"] = "mse"
-    ) -> Tensor:
+    def force_loss(self, pred: Tensor, target: Tensor, kind: ForceLoss = "mse") -> Tensor:
         """``mse``: mean squared component error; ``l2mae``: mean per-atom error norm (both in
         units of ``force_scale``)."""
         err = (pred - target) / self.force_scale
