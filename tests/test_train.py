@@ -182,3 +182,17 @@ def test_graph_caching_decision(tmp_path: Path) -> None:
             update={"data": config.data.model_copy(update={"cache_graphs": mode})}
         )
         assert should_cache(forced, large) is expected and should_cache(forced, small) is expected
+
+
+def test_graph_batches_hold_a_similar_number_of_atoms() -> None:
+    """Five-atom MP cells are searched ~800 to a batch, 86-atom OC20 slabs ~50: each batch's
+    fixed cost is paid per ~4k atoms, not per 64 rows. Unknown sizes fall back to 64 rows."""
+    from matsci_ray.train.trainer import GRAPH_BATCH_ATOMS, graph_batch_rows
+
+    mp, oc20 = (graph_batch_rows({"atoms_per_record": {"mean": m}}) for m in (5.4, 86.2))
+    assert mp > 10 * oc20
+    for rows, mean in ((mp, 5.4), (oc20, 86.2)):
+        assert 0.8 * GRAPH_BATCH_ATOMS <= rows * mean <= 1.2 * GRAPH_BATCH_ATOMS
+    assert graph_batch_rows({}) == 64
+    assert graph_batch_rows({"atoms_per_record": {"mean": 0.5}}) == 1024  # capped
+    assert graph_batch_rows({"atoms_per_record": {"mean": 10**5}}) == 16  # floored
