@@ -59,6 +59,8 @@ RUNS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
         "s2ef-forces",
         {**OC20, "model": {"name": "egnn", "params": {"element_features": True}}},
     ),
+    # the default run with another seed (initial weights, shuffle order): its noise
+    "oc20-s2ef-seed-1": ("s2ef-forces", {**OC20, "run": {"seed": 1}}),
 }
 
 DEFAULT_RUNS = ["mp-formation", "mp-stability", "lips-forces", "oc20-s2ef"]
@@ -125,9 +127,12 @@ def baselines(root: Path, task: str) -> dict[str, float]:
     return out
 
 
-def forces_by_element(checkpoint: Path, root: Path, task: str) -> dict[str, dict[str, float]]:
-    """Validation force MAE per element of the scored atoms, as a ratio to zero forces there,
-    and each element's share of the zero-force error: which atoms a model's gain comes from."""
+def forces_by_element(
+    checkpoint: Path, root: Path, task: str, split: str
+) -> dict[str, dict[str, float]]:
+    """Force MAE per element of the scored atoms of ``split``, as a ratio to zero forces there,
+    and each element's share of the zero-force error: which atoms a model's gain comes from
+    (on ``train``: which forces it fits at all)."""
     import numpy as np
     import pyarrow.parquet as pq
     import torch
@@ -143,7 +148,7 @@ def forces_by_element(checkpoint: Path, root: Path, task: str) -> dict[str, dict
     model, config, _ = load_model(checkpoint)
     transform = RadiusGraphTransform(config.data.cutoff, config.data.max_neighbors)
     error, zero = np.zeros(NUM_Z), np.zeros(NUM_Z)  # summed |component| per atomic number
-    for path in shard_paths(root, spec.dataset, "val"):
+    for path in shard_paths(root, spec.dataset, split):
         table = pq.read_table(path)
         rows = transform({c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names})
         for start in range(0, table.num_rows, 16):
@@ -218,7 +223,10 @@ def run(name: str, root: Path, tmp: Path) -> dict[str, Any]:
         out["val_mae_all_atoms"] = history[-1][f"val/{task}/mae_all_atoms"]
     if TASKS[task].kind == "forces" and result.checkpoint is not None:
         with result.checkpoint.as_directory() as directory:
-            out["val_forces_by_element"] = forces_by_element(Path(directory), root, task)
+            for split in ("val", "train"):
+                out[f"{split}_forces_by_element"] = forces_by_element(
+                    Path(directory), root, task, split
+                )
     return out
 
 
@@ -288,12 +296,14 @@ def table(results: dict[str, Any]) -> str:
                 f"mean_per_atom_energy_mse {e_base:.4g} | "
                 f"{r['val_energy_mse'] / e_base:.2f} | | | |"
             )
-        if "val_forces_by_element" in r:  # ratio to zero forces (share of the zero-force error)
+        for split in ("val", "train"):  # ratio to zero forces (share of the zero-force error)
+            if f"{split}_forces_by_element" not in r:
+                continue
             parts = [
                 f"{el} {v['ratio']:.2f} ({100 * v['share_of_zero_force_error']:.0f} %)"
-                for el, v in r["val_forces_by_element"].items()
+                for el, v in r[f"{split}_forces_by_element"].items()
             ]
-            lines.append(f"| {name} (by element) | | {', '.join(parts)} | | | | | |")
+            lines.append(f"| {name} ({split}, by element) | | {', '.join(parts)} | | | | | |")
     return "\n".join(lines)
 
 
