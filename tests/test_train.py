@@ -196,3 +196,22 @@ def test_graph_batches_hold_a_similar_number_of_atoms() -> None:
     assert graph_batch_rows({}) == 64
     assert graph_batch_rows({"atoms_per_record": {"mean": 0.5}}) == 1024  # capped
     assert graph_batch_rows({"atoms_per_record": {"mean": 10**5}}) == 16  # floored
+
+
+def test_cached_graphs_are_shuffled_in_small_blocks(data_root: Path, tmp_path: Path) -> None:
+    """Graphs are built ~750 MP cells at a time, yet the cache holds blocks of at most
+    ``CACHE_BLOCK_ROWS``, so the per-epoch block-order shuffle still mixes the whole split,
+    and every row is still there."""
+    from matsci_ray.train.trainer import CACHE_BLOCK_ROWS, cached_epochs, graph_dataset
+
+    config = _config(data_root, tmp_path, "blocks", ["mp-band-gap"], "egnn")
+    built = graph_dataset(config, "materials-project", "train")
+    cached = cached_epochs(built, seed=0)
+    rows = built.count()
+    assert rows > 2 * CACHE_BLOCK_ROWS
+    bundles = list(cached.iter_internal_ref_bundles())
+    sizes = [b.num_rows() for b in bundles]
+    assert sum(sizes) == rows and max(sizes) <= CACHE_BLOCK_ROWS
+    first = [r["sample_id"] for r in cached.take(rows)]
+    second = [r["sample_id"] for r in cached.take(rows)]
+    assert sorted(first) == sorted(second) and first != second  # reshuffled each epoch
