@@ -272,8 +272,8 @@ def measure(args: argparse.Namespace, tmp: Path) -> list[Row]:
         add("2 data wait", model, runs[model]["data_wait_fraction"], None, "< 0.05")
 
     # 3: graph building in the Ray Data pipeline vs the raw neighbour-list call. MP x128: a
-    # pass over x32 (5k five-atom cells) took 1.1 s, half of it the pipeline's ~0.6 s start,
-    # which measured start-up rather than throughput.
+    # pass over x32 (5k five-atom cells, 2 files) was mostly the pipeline filling up (1.13 s
+    # against 2.84 s for x128), which measured ramp-up rather than throughput.
     def graphs() -> None:
         for name, graph_task, copies in (
             ("OC20 S2EF", "s2ef-energy", 1),
