@@ -12,6 +12,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from matsci_ray.errors import ConfigError
 from matsci_ray.tasks.registry import TASKS, ForceLoss
 
 
@@ -123,10 +124,6 @@ class ExperimentConfig(_Strict):
     def datasets(self) -> list[str]:
         """Data sets the tasks draw on, in task order, each once."""
         return list(dict.fromkeys(TASKS[t].dataset for t in self.tasks))
-
-
-class ConfigError(ValueError):
-    """A config file that does not parse or validate; the message names the file and field."""
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -8,12 +8,10 @@ import sys
 from collections.abc import Sequence
 from importlib import import_module
 
+from matsci_ray.errors import UserError, one_line, user_facing
+
 # verb modules, in the order `--help` lists them
 VERBS = ("demo", "ingest", "download", "train", "evaluate", "predict", "study", "report")
-
-
-class UserError(Exception):
-    """An error caused by input or configuration: printed as one line, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,20 +34,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s: %(message)s",
     )
-    from matsci_ray.data.record import SourceError
-    from matsci_ray.data.shards import StrictModeError
-
-    known = (UserError, SourceError, StrictModeError, FileNotFoundError, ValueError)
     try:
         return int(args.func(args) or 0)
-    except known as error:
+    except Exception as error:
+        # Ray wraps what a task or worker raised: the user's error may sit inside it
+        known = user_facing(error)
+        if known is None and not isinstance(error, FileNotFoundError | ValueError):
+            raise
         if args.debug:
             raise
-        print(f"matsci-ray {args.verb}: error: {error}", file=sys.stderr)
+        print(f"matsci-ray {args.verb}: error: {one_line(known or error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"matsci-ray {args.verb}: interrupted", file=sys.stderr)
         return 130
+
+
+__all__ = ["UserError", "build_parser", "main"]
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""The canonical record every reader yields, and the unit of work ingest schedules."""
+"""The canonical record every reader yields, and the unit of work ingest schedules.
+
+``SourceError`` lives in :mod:`matsci_ray.errors` and is re-exported here for readers.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +10,7 @@ from typing import Any
 
 import numpy as np
 
-
-class SourceError(Exception):
-    """An input that cannot be read at all (corrupt, truncated, wrong format).
-
-    The message always names the file and, where known, the record.
-    """
-
-    def __init__(self, file: str, message: str, key: str | None = None) -> None:
-        where = f"{file}" + (f" [record {key}]" if key is not None else "")
-        super().__init__(f"{where}: {message}")
-        self.file = file
-        self.key = key
-        self.reason = message
+from matsci_ray.errors import SourceError
 
 
 @dataclass
@@ -71,3 +62,6 @@ class WorkUnit:
 
         digest = hashlib.sha1(f"{self.file}|{self.start}|{self.stop}".encode()).hexdigest()
         return f"{digest[:16]}"
+
+
+__all__ = ["Record", "Reject", "SourceError", "WorkUnit"]

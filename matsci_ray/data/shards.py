@@ -25,12 +25,9 @@ from matsci_ray.data.schema import SCHEMA, SCHEMA_VERSION, records_to_table
 from matsci_ray.data.splits import SplitConfig, Splitter
 from matsci_ray.data.stats import SplitStats
 from matsci_ray.data.validate import Limits, check_record
+from matsci_ray.errors import StrictModeError
 
 UNITS_DIR = "_units"
-
-
-class StrictModeError(Exception):
-    """Raised under ``--strict`` for the first rejected record."""
 
 
 @dataclass(frozen=True)
