@@ -6,6 +6,7 @@ predicts in physical units.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import torch
 from matsci_ray import __version__
 from matsci_ray.config import ExperimentConfig, dump_config
 from matsci_ray.data.schema import SCHEMA_VERSION
+from matsci_ray.errors import CheckpointError
 from matsci_ray.models import build_encoder
 from matsci_ray.potential import MatSciModel
 from matsci_ray.tasks.registry import TASKS
@@ -67,12 +69,23 @@ def _read(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a corrupt file
-        raise ValueError(f"{path}: not a readable matsci-ray checkpoint ({error})") from None
-    if state.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: checkpoint format {state.get('format_version')} is not {FORMAT_VERSION}"
-        )
+        raise CheckpointError(f"{path}: {_load_failure(error)}") from None
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        found = state.get("format_version") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path}: checkpoint format {found} is not {FORMAT_VERSION}")
     return state
+
+
+def _load_failure(error: Exception) -> str:
+    """One line on why ``torch.load`` refused a file. torch's own message suggests retrying
+    with ``weights_only=False``: wrong for a file of unknown origin, so it is not repeated."""
+    refused = re.search(r"unsupported GLOBAL (\S+)", str(error), flags=re.IGNORECASE)
+    if refused:
+        return (
+            f"refused: it holds a Python object ({refused.group(1)}) that a matsci-ray "
+            "checkpoint never holds; checkpoints are loaded as tensors and plain data only"
+        )
+    return f"not a readable matsci-ray checkpoint (corrupt or truncated: {type(error).__name__})"
 
 
 def load_model(path: Path | str) -> tuple[MatSciModel, ExperimentConfig, dict[str, float]]:
