@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import ray
+import ray._private.ray_constants as ray_constants
 
 
 def init_ray(
@@ -19,10 +22,11 @@ def init_ray(
 ) -> str | None:
     """Join ``address`` (or ``RAY_ADDRESS``), else start a local Ray in-process.
 
-    Returns the dashboard URL when one is running. A local Ray binds its dashboard to
-    127.0.0.1 only; expose it deliberately (see README). Keep the dashboard: it serves the
-    State API, without which Ray Train's placement-group cleaner cannot tell that a stopped
-    Tune trial's trainer died, so its CPUs leak and the next trial never schedules.
+    Returns the dashboard URL when one is running. A local Ray listens on 127.0.0.1 only
+    (dashboard, job server, metrics, gRPC); expose it deliberately (see README). Keep the
+    dashboard: it serves the State API, without which Ray Train's placement-group cleaner
+    cannot tell that a stopped Tune trial's trainer died, so its CPUs leak and the next trial
+    never schedules.
     """
     if ray.is_initialized():
         return None
@@ -46,4 +50,22 @@ def init_ray(
         kwargs["_metrics_export_port"] = metrics_export_port
     if temp_dir is not None:
         kwargs["_temp_dir"] = str(Path(temp_dir).resolve())
-    return ray.init(**kwargs).dashboard_url or None
+    with _loopback_node():
+        return ray.init(**kwargs).dashboard_url or None
+
+
+@contextmanager
+def _loopback_node() -> Iterator[None]:
+    """Start a local Ray whose node address is 127.0.0.1, so that its gRPC servers (GCS,
+    raylet, workers), dashboard agent and metrics endpoint listen on loopback only: none of
+    them authenticates unless token auth is on. ``ray.init`` turns an explicit
+    ``_node_ip_address="127.0.0.1"`` into the machine's address and binds every interface;
+    the loopback address is what Ray itself uses where it expects no cluster (Windows and
+    macOS), decided by this flag when the node starts. ``tests/test_local_ray.py`` checks
+    every listening socket, so a Ray release that moves the flag fails there."""
+    previous = getattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = previous

@@ -1,0 +1,45 @@
+"""The local Ray that the CLI, the demo and the tests start listens on loopback only."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+
+import psutil
+import pytest
+
+
+def _listening(pids: set[int]) -> list[tuple[int, str, str, int]]:
+    """``(pid, process name, address, port)`` of every listening TCP socket of ``pids``."""
+    found = []
+    for conn in psutil.net_connections(kind="inet"):
+        if conn.status == psutil.CONN_LISTEN and conn.pid in pids:
+            name = psutil.Process(conn.pid).name()
+            found.append((conn.pid, name, conn.laddr.ip, conn.laddr.port))
+    return found
+
+
+def _is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def test_every_listening_socket_of_the_local_ray_is_loopback(ray_local: None) -> None:
+    import ray
+
+    # a worker process and the metrics endpoint exist once a task has run
+    @ray.remote(num_cpus=0.1)
+    def pid() -> int:
+        return os.getpid()
+
+    ray.get([pid.remote() for _ in range(2)])
+    ours = {os.getpid()} | {p.pid for p in psutil.Process().children(recursive=True)}
+    sockets = _listening(ours)
+    names = {name for _, name, _, _ in sockets}
+    if not sockets:
+        pytest.fail("no listening socket found: psutil cannot see this machine's sockets")
+    assert {"gcs_server", "raylet"} <= names, names
+    public = [s for s in sockets if not _is_loopback(s[2])]
+    assert not public, f"listening beyond loopback: {public}"
