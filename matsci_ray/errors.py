@@ -56,6 +56,12 @@ class CheckpointError(MatSciError, ValueError):
     """A file that is not a loadable matsci-ray checkpoint."""
 
 
+class StructureError(MatSciError, ValueError):
+    """A structure no model should score (no atoms, an element the model cannot embed, atoms
+    on top of each other, a degenerate cell): refused by prediction and ``MatSciCalculator``
+    with the check's reason, the same one ingest rejects a record for."""
+
+
 class ResourceError(MatSciError):
     """A run that asks for more than the cluster has, or waited too long for it."""
 
@@ -78,6 +84,11 @@ def user_facing(error: BaseException) -> MatSciError | None:
         stack.append(current.__cause__)
         if isinstance(cause, BaseException):
             stack.append(cause)
+        # Ray Train's ControllerError: what failed the controller (train.preflight's
+        # StopOnUserError re-raises a worker's MatSciError there so it is not retried)
+        failure = getattr(current, "controller_failure", None)
+        if isinstance(failure, BaseException):
+            stack.append(failure)
         for nested in getattr(current, "worker_failures", {}).values() or ():
             stack.append(nested)
     return None

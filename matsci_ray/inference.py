@@ -1,7 +1,10 @@
 """Predicting with a checkpoint outside training: on ASE ``Atoms`` and as an ASE calculator.
 
 The same graph transform and collation as training are used, so a structure is seen by the
-model exactly as it was during training.
+model exactly as it was during training. Every structure is first judged by the checks ingest
+applies to a record's geometry (:func:`matsci_ray.data.validate.check_structure`): one that no
+model should score (no atoms, an element the model cannot embed, atoms on top of each other, a
+degenerate cell) raises :class:`~matsci_ray.errors.StructureError` instead of a number.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ from ase.calculators.calculator import Calculator, all_changes
 from torch_geometric.data import Batch
 
 from matsci_ray import keys as K
+from matsci_ray.data.validate import MAX_Z, PREDICT_LIMITS, Structure, check_structure
+from matsci_ray.errors import StructureError
 from matsci_ray.graphs.batching import RadiusGraphTransform, rows_to_pyg_batch
+from matsci_ray.models.blocks import AtomEmbedding
 from matsci_ray.potential import MatSciModel
 from matsci_ray.tasks.heads import ClassHead
 from matsci_ray.tasks.registry import TaskSpec
@@ -41,6 +47,15 @@ def atoms_to_columns(structures: Sequence[Atoms]) -> dict[str, np.ndarray]:
     }
 
 
+def embeddable_z(model: torch.nn.Module) -> int:
+    """The largest atomic number every atom embedding of ``model`` has a row for: a larger one
+    would index past the table (an ``IndexError`` deep in the encoder)."""
+    sizes = [
+        m.embedding.num_embeddings - 1 for m in model.modules() if isinstance(m, AtomEmbedding)
+    ]
+    return min([MAX_Z, *sizes])
+
+
 class Predictor:
     """A checkpoint ready to predict every task it was trained on, in physical units.
 
@@ -57,6 +72,18 @@ class Predictor:
         self.device = device
         self.dtype = dtype
         self.transform = RadiusGraphTransform(config.data.cutoff, config.data.max_neighbors)
+        self.max_z = embeddable_z(self.model)
+
+    def check(self, atoms: Atoms) -> str | None:
+        """Why the model must not score ``atoms`` (``"category: detail"``, as ingest words a
+        reject), or ``None``."""
+        structure = Structure(atoms.numbers, atoms.positions, atoms.cell.array, atoms.pbc)
+        return check_structure(structure, PREDICT_LIMITS, self.max_z)
+
+    def _refuse_unsound(self, atoms: Atoms, index: int) -> None:
+        reason = self.check(atoms)
+        if reason is not None:
+            raise StructureError(f"structure {index}: {reason}")
 
     def batch(self, structures: Sequence[Atoms]) -> Batch:
         """The structures as the model sees them in training: radius graphs, one PyG batch."""
@@ -71,7 +98,13 @@ class Predictor:
 
     def predict(self, structures: Sequence[Atoms], forces: bool = True) -> list[dict[str, Any]]:
         """Per structure: ``{task: value}`` (class tasks: the class, space groups from 1), plus
-        ``"<task>:forces"`` (n, 3) eV/Å for force tasks, whose value is the total energy."""
+        ``"<task>:forces"`` (n, 3) eV/Å for force tasks, whose value is the total energy.
+        Raises :class:`StructureError` naming the first structure :meth:`check` refuses."""
+        for index, atoms in enumerate(structures):
+            self._refuse_unsound(atoms, index)
+        return self._predict(structures, forces)
+
+    def _predict(self, structures: Sequence[Atoms], forces: bool) -> list[dict[str, Any]]:
         if not structures:
             return []
         batch = self.batch(structures)
@@ -98,16 +131,19 @@ class Predictor:
     def predict_batches(
         self, structures: Iterable[Atoms], batch_size: int = 32
     ) -> Iterator[dict[str, Any]]:
+        """:meth:`predict` over a stream, ``batch_size`` structures at a time; a refused
+        structure is named by its position in the whole stream."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         chunk: list[Atoms] = []
-        for atoms in structures:
+        for index, atoms in enumerate(structures):
+            self._refuse_unsound(atoms, index)
             chunk.append(atoms)
             if len(chunk) == batch_size:
-                yield from self.predict(chunk)
+                yield from self._predict(chunk, forces=True)
                 chunk = []
         if chunk:
-            yield from self.predict(chunk)
+            yield from self._predict(chunk, forces=True)
 
 
 def is_potential_energy(task: TaskSpec) -> bool:
@@ -163,6 +199,9 @@ class MatSciCalculator(Calculator):
         system_changes: Sequence[str] = all_changes,
     ) -> None:
         super().calculate(atoms, properties, system_changes)
+        reason = self.predictor.check(self.atoms)
+        if reason is not None:  # a relaxation or MD run stops here, not on a meaningless number
+            raise StructureError(f"{type(self).__name__}: refused structure: {reason}")
         batch = self.predictor.batch([self.atoms])
         batch.pos.requires_grad_(True)
         with torch.enable_grad():

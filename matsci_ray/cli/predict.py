@@ -6,12 +6,15 @@ import argparse
 import itertools
 import json
 import sys
+from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ase import Atoms
+
+    from matsci_ray.inference import Predictor
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,7 +23,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="predict every task of a checkpoint for ASE-readable files",
         description="Read structures with ASE and write one JSON line per structure: its file, "
         "its frame index in that file, and a value per task (class tasks: the class; force "
-        "tasks: the total energy, with forces under '<task>:forces').",
+        "tasks: the total energy, with forces under '<task>:forces'). A structure no model "
+        "should score (no atoms, an element the model cannot embed, atoms closer than 0.5 Å, a "
+        "degenerate cell: the checks ingest applies) ends the command naming its file and "
+        "frame.",
     )
     p.add_argument("checkpoint", type=Path, help="checkpoint directory or checkpoint.pt")
     p.add_argument("files", nargs="+", type=Path, help="structure files (any ASE format)")
@@ -83,6 +89,52 @@ def _frame_numbers(path: Path, index: str) -> Iterable[int | None]:
     return itertools.count(selection.start or 0, selection.step or 1)
 
 
+def _checked(
+    path: Path, frames: Iterable[Atoms], numbers: Iterable[int | None], predictor: Predictor
+) -> Iterator[tuple[Atoms, int | None]]:
+    """Each frame with its number in the file, after the model's structure checks: a frame no
+    model should score ends the command naming the file and frame, not a number printed for
+    it (a 0-atom frame) nor an ``IndexError`` from the encoder (Z = 200)."""
+    from matsci_ray.errors import StructureError
+
+    # numbers may be endless (itertools.count): the frames decide where the file ends
+    for ordinal, (atoms, number) in enumerate(zip(frames, numbers, strict=False)):
+        reason = predictor.check(atoms)
+        if reason is not None:
+            where = f"frame {number}" if number is not None else f"selected structure {ordinal}"
+            raise StructureError(f"{path} [{where}]: {reason}")
+        yield atoms, number
+
+
+def _predict_file(path: Path, args: argparse.Namespace, predictor: Predictor, out: IO[str]) -> int:
+    """Write one JSON line per selected frame of ``path``; return how many."""
+    from matsci_ray.cli.main import UserError
+    from matsci_ray.errors import StructureError
+
+    pending: deque[int | None] = deque()  # numbers of frames handed on, not yet written
+
+    def frames() -> Iterator[Atoms]:
+        for atoms, number in _checked(
+            path, _frames(path, args.index), _frame_numbers(path, args.index), predictor
+        ):
+            pending.append(number)
+            yield atoms
+
+    written = 0
+    try:
+        for result in predictor.predict_batches(frames(), args.batch_size):
+            row = {"file": str(path), "frame": pending.popleft()}
+            for key, value in result.items():
+                row[key] = value.tolist() if hasattr(value, "tolist") else value
+            out.write(json.dumps(row) + "\n")
+            written += 1
+    except StructureError:
+        raise  # already names the file and frame
+    except ValueError as error:  # a structure the graph or model cannot take
+        raise UserError(f"{path}: {error}") from None
+    return written
+
+
 def run(args: argparse.Namespace) -> int:
     from matsci_ray.cli.main import UserError
     from matsci_ray.inference import Predictor
@@ -93,19 +145,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.out.open("w") if args.out else sys.stdout
     try:
         for path in args.files:
-            numbers = _frame_numbers(path, args.index)
-            results = predictor.predict_batches(_frames(path, args.index), args.batch_size)
-            written = 0
-            try:
-                for result, number in zip(results, numbers, strict=False):
-                    row = {"file": str(path), "frame": number}
-                    for key, value in result.items():
-                        row[key] = value.tolist() if hasattr(value, "tolist") else value
-                    out.write(json.dumps(row) + "\n")
-                    written += 1
-            except ValueError as error:  # a structure the graph or model cannot take
-                raise UserError(f"{path}: {error}") from None
-            if not written:
+            if not _predict_file(path, args, predictor, out):
                 raise UserError(f"{path}: no structures read (index {args.index!r})")
     finally:
         if args.out:
