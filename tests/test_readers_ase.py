@@ -185,7 +185,7 @@ def test_lips_extxyz() -> None:
     assert {len(r.atomic_numbers) for r in records} == {83}
     assert first.targets["energy"] == pytest.approx(-357.0587, abs=1e-4)
     assert first.targets["forces"].shape == (83, 3)
-    assert first.sample_id == first.group == "lips/lips_devset:0"
+    assert first.sample_id == first.group == "lips_devset:0"
     assert len({r.sample_id for r in records}) == 200
 
 

@@ -18,7 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Read SOURCE files (or directories of them) into Parquet shards per data set and "
             "split, plus manifest.json with counts, rejects and target statistics. Re-running "
-            "resumes: finished work units are skipped."
+            "resumes: finished work units are skipped. Sample ids name each file by its path "
+            "under the directory given (a file given alone by its name), so they are unique "
+            "within a data set; an empty input file is an error."
         ),
     )
     p.add_argument("source", choices=sorted(READERS), help="which source reader to use")

@@ -2,24 +2,28 @@
 
 One Ray task per input file plans it (checksum, work units); one Ray task per work unit streams
 it into shards (:mod:`matsci_ray.data.shards`). Units already committed by an earlier run with
-the same inputs and options are skipped, which is what makes ingest resumable.
+the same inputs and options are skipped, which is what makes ingest resumable. Before the
+manifest is written the driver checks that every input yielded a record and that no sample_id
+repeats across units (:mod:`matsci_ray.data.sample_ids`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 from collections.abc import Callable
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import ray
 from tqdm.auto import tqdm
 
+from matsci_ray.data.integrity import sha256_file
 from matsci_ray.data.manifest import build_manifest, write_manifest
 from matsci_ray.data.readers import get_reader
 from matsci_ray.data.record import SourceError, WorkUnit
+from matsci_ray.data.sample_ids import check_unique_ids
 from matsci_ray.data.shards import (
     UNITS_DIR,
     IngestOptions,
@@ -33,19 +37,39 @@ from matsci_ray.data.splits import load_id_split
 log = logging.getLogger(__name__)
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+def _plan_file(
+    options: IngestOptions, file: str, input_id: str = ""
+) -> tuple[list[WorkUnit], dict[str, Any]]:
+    """Work units of ``file`` (carrying its ``input_id``) and its checksum.
 
-
-def _plan_file(options: IngestOptions, file: str) -> tuple[list[WorkUnit], dict[str, Any]]:
+    An input with nothing to read is an error, not 0 records: it is more likely a failed
+    download or copy than a file meant to be empty.
+    """
+    path = Path(file)
+    size = path.stat().st_size
+    if size == 0:
+        raise SourceError(file, "empty file (0 bytes)")
     reader = get_reader(options.source, **options.reader_options)
-    units = reader.plan(Path(file))
-    info = {"file": file, "bytes": Path(file).stat().st_size, "sha256": sha256_file(Path(file))}
+    units = [replace(unit, input_id=input_id) for unit in reader.plan(path)]
+    if not units:
+        raise SourceError(file, "empty: no records in it")
+    info = {"file": file, "bytes": size, "sha256": sha256_file(path)}
     return units, info
+
+
+def _check_not_empty(units: list[WorkUnit], sidecars: dict[str, dict[str, Any]]) -> None:
+    """A file whose units yielded no record at all (neither written nor rejected) is empty.
+
+    Catches what planning cannot count, e.g. a gzipped file of blank lines (one unit).
+    """
+    found: dict[str, int] = {}
+    for unit in units:
+        sidecar = sidecars[unit_name(unit)]
+        rows = sum(shard["rows"] for shard in sidecar["shards"].values())
+        found[unit.file] = found.get(unit.file, 0) + rows + len(sidecar["rejects"])
+    for file, count in found.items():
+        if count == 0:
+            raise SourceError(file, "empty: no records in it")
 
 
 def _unwrap(error: Exception) -> Exception:
@@ -71,13 +95,13 @@ def run_ingest(
     Re-ingesting a source into the same ``out`` replaces that data set's shards.
     """
     reader = get_reader(source, **options.reader_options)
-    files = reader.expand([Path(p) for p in paths])
+    named = reader.inputs([Path(p) for p in paths])
     dataset_dir = Path(out) / reader.dataset
     id_split = load_id_split(id_split_dir) if id_split_dir is not None else None
 
     plan_task = ray.remote(num_cpus=task_cpus)(_plan_file)
     try:
-        planned = ray.get([plan_task.remote(options, str(f)) for f in files])
+        planned = ray.get([plan_task.remote(options, str(f), name) for f, name in named])
     except ray.exceptions.RayTaskError as error:
         raise _unwrap(error) from None
     units = [u for file_units, _ in planned for u in file_units]
@@ -92,6 +116,7 @@ def run_ingest(
             done
             and done["fingerprint"] == options.fingerprint()
             and done["input_sha256"] == checksum[unit.file]
+            and done["unit"] == asdict(unit)  # same slice and input id (hence sample ids)
         ):
             sidecars[unit_name(unit)] = done
         else:
@@ -131,7 +156,9 @@ def run_ingest(
         bar.close()
 
     _remove_stale(dataset_dir, {unit_name(u) for u in units})
+    _check_not_empty(units, sidecars)
     ordered = [sidecars[unit_name(u)] for u in units]
+    check_unique_ids(dataset_dir, units, ordered, task_cpus)
     manifest = build_manifest(reader.dataset, options, inputs, ordered)
     write_manifest(Path(out), reader.dataset, manifest)
     return manifest

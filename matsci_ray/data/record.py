@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import Any
 
 import numpy as np
@@ -43,18 +44,43 @@ class Reject:
     reason: str
 
 
+# Stripped from a file's name in its input id: ``x.extxyz.gz`` holds the same frames as
+# ``x.extxyz``, so both are input ``x`` (and a twin given beside its original is caught).
+COMPRESSION_SUFFIXES = (".gz", ".xz")
+
+
+def input_id(relative: str | PurePath) -> str:
+    """The id of an input file from its path relative to the inputs' root: ``a/x.extxyz.gz``
+    -> ``a/x`` (POSIX separators; compression, then format suffix dropped)."""
+    path = PurePath(relative)
+    name = path.name
+    for suffix in COMPRESSION_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    stem = PurePath(name).stem or name
+    return (path.parent / stem).as_posix().removeprefix("./")
+
+
 @dataclass(frozen=True)
 class WorkUnit:
     """A slice of one input file that one Ray task ingests.
 
     ``start``/``stop`` are record indices (LMDB, trajectories) or byte offsets (JSON lines);
-    ``stop=None`` means to the end.
+    ``stop=None`` means to the end. ``input_id`` names the file in sample ids (its path under
+    the root the user gave, see ``SourceReader.inputs``); empty, the file's own name.
     """
 
     source: str
     file: str
     start: int = 0
     stop: int | None = None
+    input_id: str = ""
+
+    @property
+    def sample_prefix(self) -> str:
+        """The part of every ``sample_id`` read from this unit that names its file."""
+        return self.input_id or input_id(PurePath(self.file).name)
 
     @property
     def unit_id(self) -> str:
@@ -64,4 +90,4 @@ class WorkUnit:
         return f"{digest[:16]}"
 
 
-__all__ = ["Record", "Reject", "SourceError", "WorkUnit"]
+__all__ = ["Record", "Reject", "SourceError", "WorkUnit", "input_id"]

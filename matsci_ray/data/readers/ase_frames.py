@@ -52,12 +52,6 @@ def base_stem(path: str | Path) -> str:
     return Path(name).stem
 
 
-def sample_prefix(path: str | Path) -> str:
-    """``"<parent dir>/<stem>"``, the same convention as the LMDB readers' sample ids."""
-    p = Path(path)
-    return f"{p.parent.name}/{base_stem(p)}" if p.parent.name else base_stem(p)
-
-
 def _describe(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__

@@ -9,12 +9,14 @@ and raises :class:`SourceError` when the file itself cannot be read. Physical va
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
-from matsci_ray.data.record import Record, Reject, SourceError, WorkUnit
+from matsci_ray.data.record import Record, Reject, SourceError, WorkUnit, input_id
+from matsci_ray.errors import UserError
 
 
 class SourceReader(ABC):
@@ -25,18 +27,54 @@ class SourceReader(ABC):
 
     def expand(self, paths: list[Path]) -> list[Path]:
         """Input files under ``paths`` (files as given, directories searched), sorted."""
+        return [file for file, _ in self.inputs(paths)]
+
+    def inputs(self, paths: list[Path]) -> list[tuple[Path, str]]:
+        """``(file, input id)`` of every input file under ``paths``, sorted by path.
+
+        The input id, the part of each ``sample_id`` that names the file, is the file's path
+        relative to the root the user gave (the common directory of the arguments: a directory
+        argument itself, a file argument's grandparent), without compression or format suffix.
+        So ``a/x.extxyz`` and ``b/x.extxyz`` are ``a/x`` and ``b/x``, a file given alone keeps
+        its directory's name (``lips/lips_devset``, the id it had before directories counted,
+        so its hash split is unchanged), and the id does not depend on where the data lives.
+        Two files with one id (a file beside its ``.gz`` twin) would repeat each other's sample
+        ids: a ``SourceError``.
+        Paths are made absolute but symlinks are not followed: a link is its own input.
+        """
+        files, anchors = self._collect(paths)
+        root = os.path.commonpath(anchors)
+        named = [(file, input_id(os.path.relpath(file, root))) for file in sorted(set(files))]
+        first: dict[str, Path] = {}
+        for file, name in named:
+            if name in first:
+                raise SourceError(
+                    str(file),
+                    f"same input id {name!r} as {first[name]}, so their sample ids would "
+                    "collide (a compressed twin or a copy?): give only one of them",
+                )
+            first[name] = file
+        return named
+
+    def _collect(self, paths: list[Path]) -> tuple[list[Path], list[str]]:
+        """Every accepted file under ``paths``, and the directory each argument roots ids at."""
+        if not paths:
+            raise UserError("no input files or directories given")
         files: list[Path] = []
-        for path in paths:
+        anchors: list[str] = []
+        for path in (Path(os.path.abspath(p)) for p in paths):
             if path.is_dir():
                 found = [p for p in sorted(path.rglob("*")) if p.is_file() and self.accepts(p)]
                 if not found:
                     raise SourceError(str(path), f"no {'/'.join(self.suffixes)} files found")
                 files.extend(found)
+                anchors.append(str(path))
             elif path.is_file():
                 files.append(path)
+                anchors.append(str(path.parent.parent))
             else:
                 raise SourceError(str(path), "no such file or directory")
-        return sorted({f.resolve() for f in files})
+        return files, anchors
 
     def accepts(self, path: Path) -> bool:
         return path.name.endswith(self.suffixes)

@@ -24,7 +24,6 @@ from matsci_ray.data.readers.ase_frames import (
     iter_frames,
     plan_frames,
     raw_forces,
-    sample_prefix,
     structure_fields,
 )
 from matsci_ray.data.readers.base import SourceReader
@@ -84,7 +83,7 @@ def convert_target(spec: keys.TargetSpec, value: Any, natoms: int) -> Any:
 
 
 class GenericASEReader(SourceReader):
-    """Frames of ASE-readable files; ``sample_id`` ``"<dir>/<stem>:<frame>"``.
+    """Frames of ASE-readable files; ``sample_id`` ``"<input id>:<frame>"`` (``WorkUnit``).
 
     ``group="frame"`` (default) lets frames of one file land in different splits, right for
     files of independent structures; use ``group="file"`` for a file that is one trajectory.
@@ -136,7 +135,7 @@ class GenericASEReader(SourceReader):
         return plan_frames(self.name, file, self.chunk_size)
 
     def read(self, unit: WorkUnit) -> Iterator[Record | Reject]:
-        prefix = sample_prefix(unit.file)
+        prefix = unit.sample_prefix
         for index, atoms in iter_frames(unit.file, unit.start, unit.stop):
             key = str(index)
             n = len(atoms)

@@ -21,14 +21,13 @@ from matsci_ray.data.readers.ase_frames import (
     atoms_to_arrays,
     iter_frames,
     plan_frames,
-    sample_prefix,
 )
 from matsci_ray.data.readers.base import SourceReader
 from matsci_ray.data.record import Record, Reject, WorkUnit
 
 
 class LiPSReader(SourceReader):
-    """One record per MD frame; ``sample_id`` ``"<dir>/<stem>:<frame>"`` is also the group."""
+    """One record per MD frame; ``sample_id`` ``"<input id>:<frame>"`` is also the group."""
 
     name: ClassVar[str] = "lips"
     dataset: ClassVar[str] = "lips"
@@ -62,7 +61,7 @@ class LiPSReader(SourceReader):
 
             yield from read_lips_lmdb(unit, dataset=self.dataset)
             return
-        prefix = sample_prefix(unit.file)
+        prefix = unit.sample_prefix
         for index, atoms in iter_frames(unit.file, unit.start, unit.stop):
             key = str(index)
             try:

@@ -18,7 +18,6 @@ from matsci_ray.data.readers.lmdb_source import (
     RecordRejected,
     iter_lmdb,
     optional_float,
-    sample_prefix,
 )
 from matsci_ray.data.record import Record, Reject, WorkUnit
 
@@ -78,10 +77,10 @@ def convert_lips(record: dict[str, Any], dataset: str = "lips") -> dict[str, Any
 def read_lips_lmdb(unit: WorkUnit, dataset: str = "lips") -> Iterator[Record | Reject]:
     """Stream the LiPS records of one LMDB work unit (plan it with ``plan_lmdb``).
 
-    ``sample_id`` is ``"<parent dir>/<file stem>:<key>"``; unreadable files raise
+    ``sample_id`` is ``"<input id>:<key>"`` (see ``WorkUnit``); unreadable files raise
     ``SourceError``, records that cannot be converted become ``Reject``.
     """
-    prefix = sample_prefix(unit.file)
+    prefix = unit.sample_prefix
     for key, record in iter_lmdb(unit):
         try:
             fields = convert_lips(record, dataset)

@@ -12,7 +12,6 @@ from matsci_ray.data.readers.lmdb_source import (
     RecordRejected,
     iter_lmdb,
     plan_lmdb,
-    sample_prefix,
 )
 from matsci_ray.data.record import Record, Reject, WorkUnit
 
@@ -31,7 +30,7 @@ class LMDBDictReader(SourceReader):
         return plan_lmdb(self.name, file, self.chunk_size)
 
     def read(self, unit: WorkUnit) -> Iterator[Record | Reject]:
-        prefix = sample_prefix(unit.file)
+        prefix = unit.sample_prefix
         convert = type(self).convert
         for key, record in iter_lmdb(unit):
             try:

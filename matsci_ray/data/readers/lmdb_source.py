@@ -25,16 +25,6 @@ from matsci_ray.data.safe_pickle import safe_loads
 DEFAULT_CHUNK_SIZE = 5000
 
 
-def sample_prefix(file: str | Path) -> str:
-    """``"<parent dir>/<stem>"``: the part of ``sample_id`` that names the file.
-
-    The devsets are all called ``data.lmdb``; the parent directory keeps ids from two such
-    files (``train/data.lmdb``, ``val/data.lmdb``) of one source apart.
-    """
-    path = Path(file)
-    return f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem
-
-
 @contextmanager
 def open_lmdb(file: str) -> Iterator[lmdb.Environment]:
     """Open ``file`` read-only, refusing files that are not LMDBs or are truncated."""

@@ -27,7 +27,6 @@ from matsci_ray.data.readers.lmdb_source import (
     optional_float,
     optional_int,
     plan_lmdb,
-    sample_prefix,
 )
 from matsci_ray.data.record import Record, Reject, SourceError, WorkUnit
 
@@ -145,14 +144,14 @@ class MaterialsProjectReader(SourceReader):
 
     def read(self, unit: WorkUnit) -> Iterator[Record | Reject]:
         if unit.file.endswith(".lmdb"):
-            prefix = sample_prefix(unit.file)
+            prefix = unit.sample_prefix
             for key, doc in iter_lmdb(unit):
                 yield self._convert(doc, unit.file, key, f"{prefix}:{key}")
             return
         yield from self._read_jsonl(unit)
 
     def _read_jsonl(self, unit: WorkUnit) -> Iterator[Record | Reject]:
-        file, prefix = unit.file, sample_prefix(unit.file)
+        file, prefix = unit.file, unit.sample_prefix
         counter = _LineCounter(file)
         first_offset: int | None = None
         for index, (known, offset, raw) in enumerate(_jsonl_lines(unit)):

@@ -112,10 +112,12 @@ def frame_targets(atoms: Atoms) -> tuple[dict[str, Any], dict[str, Any]]:
 class S2EFReader(SourceReader):
     """One record per frame: energy (eV), forces (eV/Å), fixed mask, tags where stored.
 
-    ``group`` is the system id (all frames of one relaxation stay in one split);
-    ``sample_id`` is ``"<system>:<frame>"``. From a ``.traj`` the system is the file stem and
-    the frame its index; from an extxyz both come from the sidecar (without one: the file
-    stem and the index in the file, so a file's frames are grouped together).
+    ``group`` is the system id (all frames of one relaxation stay in one split). From a
+    ``.traj`` the system is the file stem and ``sample_id`` ``"<input id>:<frame index>"``
+    (the input id is the stem when the file lies directly in the directory given, else its
+    relative path, so ``a/random1.traj`` and ``b/random1.traj`` stay apart). From an extxyz
+    with a sidecar, ``sample_id`` is the sidecar's ``"<system>:<frame>"``; without one, as
+    for a ``.traj`` (so a file's frames are grouped together).
     """
 
     name: ClassVar[str] = "oc20-s2ef"
@@ -140,16 +142,17 @@ class S2EFReader(SourceReader):
         file = unit.file
         sidecar = find_sidecar(file)
         labels = _sidecar_lines(sidecar, unit.start) if sidecar is not None else None
-        system = base_stem(file)
+        system, prefix = base_stem(file), unit.sample_prefix
         for index, atoms in iter_frames(file, unit.start, unit.stop):
             key = str(index)
-            group, frame = system, index
+            group, name, frame = system, prefix, index
             if labels is not None:
                 line = next(labels, None)
                 if line is None:
                     raise SourceError(str(sidecar), f"no line for frame {index} of {file}", key)
                 try:
                     group, frame = parse_sidecar_line(line)
+                    name = group
                 except ValueError as exc:
                     yield Reject(file, key, str(exc))
                     continue
@@ -160,7 +163,7 @@ class S2EFReader(SourceReader):
                 continue
             yield Record(
                 dataset=self.dataset,
-                sample_id=f"{group}:{frame}",
+                sample_id=f"{name}:{frame}",
                 group=group,
                 targets=targets,
                 source_file=file,
@@ -210,8 +213,7 @@ class IS2REReader(SourceReader):
                 first = atoms
             last, last_index = atoms, index
         if first is None or last is None:
-            yield Reject(file, system, "trajectory has no frames")
-            return
+            raise SourceError(file, "empty: the trajectory has no frames")
         initial = structure_fields(first)
         try:
             final = atoms_to_arrays(last)
@@ -231,7 +233,7 @@ class IS2REReader(SourceReader):
             targets[keys.TAGS] = tags
         yield Record(
             dataset=self.dataset,
-            sample_id=system,
+            sample_id=unit.sample_prefix,  # the system, or its path under the directory given
             group=system,
             targets=targets,
             source_file=file,
