@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 
@@ -27,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
     from matsci_ray.train.evaluate import evaluate_checkpoint, metric_table
 
     init_ray(args.address, num_cpus=args.num_cpus)
+    if not (args.verbose or args.debug):
+        _quiet_ray_data_console()
     metrics = evaluate_checkpoint(args.checkpoint, args.split, args.data_root)
     print(
         json.dumps(metrics, indent=1, sort_keys=True)
@@ -34,3 +37,12 @@ def run(args: argparse.Namespace) -> int:
         else metric_table(metrics, args.split)
     )
     return 0
+
+
+def _quiet_ray_data_console() -> None:
+    """Keep Ray Data's progress and task tracebacks in its session log file, off the console:
+    a bad shard then ends the command with one line naming it (``-v`` shows them again)."""
+    for handler in logging.getLogger("ray.data").handlers:
+        console = isinstance(handler, logging.StreamHandler)
+        if console and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.CRITICAL)

@@ -11,7 +11,7 @@ from importlib import import_module
 from matsci_ray.errors import UserError, one_line, user_facing
 
 # verb modules, in the order `--help` lists them
-VERBS = ("demo", "ingest", "download", "train", "evaluate", "predict", "study", "report")
+VERBS = ("demo", "ingest", "download", "verify", "train", "evaluate", "predict", "study", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,31 +1,77 @@
-"""Open ingested shards as Ray Datasets, by data set and split."""
+"""Open ingested shards as Ray Datasets, by data set and split.
+
+Every open checks the listed shards against the manifest (size and row count) and every read
+verifies Parquet page checksums, naming the file on any failure (:mod:`matsci_ray.data.integrity`).
+"""
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+import ray
 import ray.data
+from ray.data.datasource import FileBasedDatasource
 
+from matsci_ray.data.integrity import Shard, check_shards, read_shard
 from matsci_ray.data.manifest import read_manifest
 from matsci_ray.keys import SAMPLE_ID, SPLITS
 
 
-def shard_paths(root: Path | str, dataset: str, split: str) -> list[str]:
-    """Absolute paths of the shards the manifest lists for ``dataset``/``split``."""
+def split_shards(root: Path | str, dataset: str, split: str) -> list[Shard]:
+    """The shards the manifest lists for ``dataset``/``split``, each checked by a stat and its
+    footer: a missing, truncated or replaced shard raises :class:`ShardError` naming it."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     manifest = read_manifest(Path(root), dataset)
     base = Path(root) / dataset
-    paths = [str(base / s["path"]) for s in manifest["shards"] if s["split"] == split]
-    missing = [p for p in paths if not Path(p).exists()]
-    if missing:
-        raise FileNotFoundError(f"{missing[0]}: shard listed in the manifest is missing; re-ingest")
-    return paths
+    shards = [Shard.from_manifest(base, s) for s in manifest["shards"] if s["split"] == split]
+    check_shards(shards, root)
+    return shards
+
+
+def shard_paths(root: Path | str, dataset: str, split: str) -> list[str]:
+    """Absolute paths of the shards the manifest lists for ``dataset``/``split`` (checked as
+    :func:`split_shards` does)."""
+    return [s.path for s in split_shards(root, dataset, split)]
+
+
+class ShardDatasource(FileBasedDatasource):
+    """Ray Data source of checked shards. ``ray.data.read_parquet`` passes no page-checksum
+    option to its default (V2) reader and names no file when pyarrow fails on one, so each
+    file is read here through :func:`read_shard`; file listing, the per-execution seeded file
+    order and read-task planning stay Ray's."""
+
+    def __init__(
+        self,
+        shards: list[Shard],
+        columns: list[str] | None = None,
+        shuffle: ray.data.FileShuffleConfig | None = None,
+    ) -> None:
+        super().__init__([s.path for s in shards], shuffle=shuffle, file_extensions=["parquet"])
+        self._columns = columns
+        # by reference, as the base class keeps its paths: each read task pickles the source
+        self._shards_ref = ray.put({s.path: s for s in shards})
+        self._shards: dict[str, Shard] | None = None
+
+    def _expected(self, path: str) -> Shard | None:
+        if self._shards is None:
+            self._shards = ray.get(self._shards_ref)
+        return self._shards.get(path)
+
+    def _open_input_source(self, filesystem: Any, path: str, **open_args: Any) -> pa.NativeFile:
+        return filesystem.open_input_file(path)  # Parquet needs random access, not a stream
+
+    def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
+        yield from read_shard(f, path, self._columns, self._expected(path))
+
+    def get_name(self) -> str:
+        return "Shards"  # Ray Data names the operator "Read" + this
 
 
 def open_dataset(
@@ -34,7 +80,7 @@ def open_dataset(
     split: str,
     columns: list[str] | None = None,
     num_cpus: float | None = None,
-    shuffle_seed: int | None = None,
+    shuffle_seed: int | ray.data.FileShuffleConfig | None = None,
 ) -> ray.data.Dataset:
     """Stream the ``split`` shards of ``dataset`` as a Ray Dataset (nothing is loaded eagerly).
 
@@ -42,14 +88,17 @@ def open_dataset(
     ``shuffle_seed`` reads the shard files in a seeded order that changes with every
     execution (each training epoch): shards follow the input files (an OC20 system, a chunk of
     MP documents), so a fixed order would sweep the same groups in the same sequence each epoch.
+    A ``FileShuffleConfig`` is used as given (training passes one seeded per epoch,
+    ``train.data_order.EpochFileShuffle``).
     """
-    paths = shard_paths(root, dataset, split)
-    if not paths:
+    shards = split_shards(root, dataset, split)
+    if not shards:
         raise ValueError(f"{root}/{dataset}: no records in split {split!r}")
-    shuffle = None
-    if shuffle_seed is not None:
+    shuffle = shuffle_seed if isinstance(shuffle_seed, ray.data.FileShuffleConfig) else None
+    if isinstance(shuffle_seed, int):
         shuffle = ray.data.FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
-    return ray.data.read_parquet(paths, columns=columns, num_cpus=num_cpus, shuffle=shuffle)
+    source = ShardDatasource(shards, columns, shuffle)
+    return ray.data.read_datasource(source, num_cpus=num_cpus)
 
 
 def open_datasets(
@@ -99,8 +148,9 @@ def sample_rows(
     """
     ids = [
         i
-        for p in shard_paths(root, dataset, split)
-        for i in pq.read_table(p, columns=[SAMPLE_ID])[SAMPLE_ID].to_pylist()
+        for shard in split_shards(root, dataset, split)
+        for table in read_shard(shard.path, shard.path, [SAMPLE_ID])
+        for i in table.column(SAMPLE_ID).to_pylist()
     ]
     if count >= len(ids):
         return ds

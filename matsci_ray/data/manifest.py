@@ -1,7 +1,9 @@
 """``manifest.json``: what an ingest produced, merged from its units' sidecars.
 
 Per data set: ``<out>/<dataset>/manifest.json`` (counts, rejects, statistics, inputs, shards).
-Across data sets: ``<out>/manifest.json``, an index naming each data set's manifest.
+Each shard entry holds its split, path, rows, bytes and SHA-256 (checked by
+:mod:`matsci_ray.data.integrity`). Across data sets: ``<out>/manifest.json``, an index naming
+each data set's manifest.
 """
 
 from __future__ import annotations
@@ -74,6 +76,22 @@ def write_manifest(out: Path, dataset: str, manifest: dict[str, Any]) -> Path:
     }
     write_json_atomic(index_path, index)
     return path
+
+
+def datasets_under(directory: Path) -> list[tuple[Path, str]]:
+    """``(root, dataset)`` of every data set in ``directory``: an ingest output (its index
+    ``manifest.json`` names them) or one data set's own directory. ``[]`` when neither."""
+    directory = Path(directory).resolve()  # "." has a name and a parent
+    path = directory / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    if isinstance(manifest, dict) and isinstance(manifest.get("datasets"), dict):
+        return [(directory, name) for name in sorted(manifest["datasets"])]
+    if isinstance(manifest, dict) and "shards" in manifest:
+        return [(directory.parent, directory.name)]
+    return []
 
 
 def read_manifest(root: Path, dataset: str) -> dict[str, Any]:

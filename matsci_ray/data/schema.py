@@ -14,7 +14,10 @@ import pyarrow as pa
 from matsci_ray import keys as K
 from matsci_ray.data.record import Record
 
-SCHEMA_VERSION = 1
+# 2: every shard has page checksums and its manifest entry its size and SHA-256. A version-1
+# data set lacks both, so it is refused (re-ingest) rather than read half-checked; the bump
+# also changes every ingest fingerprint, so a resumed ingest rewrites its old units.
+SCHEMA_VERSION = 2
 
 _VEC3 = pa.list_(pa.float64(), 3)
 _PER_ATOM_VEC3 = pa.list_(_VEC3)

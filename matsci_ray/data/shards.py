@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from matsci_ray.data.integrity import WRITE_OPTIONS, describe
 from matsci_ray.data.readers import get_reader
 from matsci_ray.data.record import Record, Reject, SourceError, WorkUnit
 from matsci_ray.data.schema import SCHEMA, SCHEMA_VERSION, records_to_table
@@ -84,17 +85,19 @@ class _SplitWriter:
             return
         if self.writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.writer = pq.ParquetWriter(self.tmp, SCHEMA, compression="zstd")
+            self.writer = pq.ParquetWriter(self.tmp, SCHEMA, **WRITE_OPTIONS)
         table: pa.Table = records_to_table(self.buffer, split)
         self.writer.write_table(table, row_group_size=len(self.buffer))
         self.rows += len(self.buffer)
         self.buffer.clear()
 
-    def close(self, split: str) -> None:
+    def close(self, split: str) -> dict[str, Any]:
+        """Finish the shard; its manifest entry (rows, bytes, SHA-256 of the final file)."""
         self.flush(split)
         if self.writer is not None:
             self.writer.close()
             os.replace(self.tmp, self.path)
+        return describe(self.path, self.rows)
 
 
 def ingest_unit(
@@ -141,16 +144,15 @@ def ingest_unit(
         writers[split].add(item, split)
         stats[split].add(np.asarray(item.atomic_numbers), item.targets)
 
-    for split, writer in writers.items():
-        writer.close(split)
+    written = {split: writer.close(split) for split, writer in sorted(writers.items())}
     sidecar = {
         "unit": asdict(unit),
         "name": name,
         "input_sha256": input_sha256,
         "fingerprint": options.fingerprint(),
         "shards": {
-            s: {"path": str(w.path.relative_to(dataset_dir)), "rows": w.rows}
-            for s, w in sorted(writers.items())
+            s: {"path": str(writers[s].path.relative_to(dataset_dir)), **entry}
+            for s, entry in written.items()
         },
         "rejects": [asdict(r) for r in rejects],
         "split_how": dict(split_how),
