@@ -65,7 +65,7 @@ def parse_mp(files: list[Path]) -> int:
 
 def ingest_serial(source: str, files: list[Path], out: Path) -> int:
     """The same work as ``run_ingest`` (plan, checksum, every unit) in this process, no Ray."""
-    from matsci_ray.data.ingest import sha256_file
+    from matsci_ray.data.integrity import sha256_file
     from matsci_ray.data.readers import get_reader
     from matsci_ray.data.shards import IngestOptions, ingest_unit
 

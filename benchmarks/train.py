@@ -66,6 +66,7 @@ def replicate(root: Path, dataset: str, copies: int, dest: Path) -> Path:
     import pyarrow.parquet as pq
 
     from matsci_ray.data.dataset import shard_paths
+    from matsci_ray.data.integrity import WRITE_OPTIONS, describe
 
     shutil.copytree(root / dataset, dest / dataset)
     (dest / dataset / "copies").mkdir()
@@ -74,11 +75,10 @@ def replicate(root: Path, dataset: str, copies: int, dest: Path) -> Path:
     manifest = json.loads((dest / dataset / "manifest.json").read_text())
     manifest["shards"] = [s for s in manifest["shards"] if s["split"] != "train"]
     for k, start in enumerate(range(0, table.num_rows, 4096)):
-        part = table.slice(start, 4096)
-        pq.write_table(part, dest / dataset / f"copies/{k}.parquet", row_group_size=1024)
-        manifest["shards"].append(
-            {"path": f"copies/{k}.parquet", "rows": part.num_rows, "split": "train"}
-        )
+        part, path = table.slice(start, 4096), dest / dataset / f"copies/{k}.parquet"
+        pq.write_table(part, path, row_group_size=1024, **WRITE_OPTIONS)
+        shard = {"path": f"copies/{k}.parquet", "split": "train"}
+        manifest["shards"].append({**shard, **describe(path, part.num_rows)})
     manifest["splits"]["train"]["records"] *= copies
     (dest / dataset / "manifest.json").write_text(json.dumps(manifest))
     return dest
