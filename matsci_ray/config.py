@@ -6,13 +6,26 @@ Relative paths are resolved against the working directory of the command that lo
 
 from __future__ import annotations
 
+import difflib
+import functools
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from matsci_ray.errors import ConfigError
+from matsci_ray.models import SET_BY_BUILDER, encoder_signature
 from matsci_ray.tasks.registry import TASKS, ForceLoss
 
 
@@ -62,6 +75,58 @@ class ModelConfig(_Strict):
     params: dict[str, Any] = Field(default_factory=dict, description="encoder keyword arguments")
     head_hidden: int = Field(128, gt=0)
 
+    @field_validator("params")
+    @classmethod
+    def _encoder_params(cls, params: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """``params`` checked against the encoder's keyword arguments and their types here, at
+        load time: otherwise a typo fails inside a Ray Train worker, after its start-up."""
+        name = info.data.get("name")
+        return params if name is None else check_encoder_params(name, params)
+
+
+def _annotation(hint: Any) -> Any:
+    """An encoder argument's annotation as pydantic checks it, strictly (``true`` is not an
+    int, ``1`` not a bool), except that a float also accepts a number YAML read as a string
+    (``1e-3``, without a dot) or an int."""
+    return Annotated[float, Strict(False)] if hint is float else hint
+
+
+@functools.cache
+def _params_model(name: str) -> type[BaseModel]:
+    fields: dict[str, Any] = {
+        p.name: (_annotation(p.annotation), ... if p.required else p.default)
+        for p in encoder_signature(name)
+        if p.name not in SET_BY_BUILDER
+    }
+    strict = ConfigDict(extra="forbid", strict=True, arbitrary_types_allowed=True)
+    return create_model(f"{name}_params", __config__=strict, **fields)
+
+
+def check_encoder_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` validated for encoder ``name`` (values converted to the annotated types).
+
+    Raises pydantic's ``ValidationError`` located at the parameter, so the config error names
+    ``model.params.<key>``: an unknown key with the closest known one, a key the builder sets
+    itself (``cutoff`` comes from ``data.cutoff``), or a value of the wrong type.
+    """
+    model = _params_model(name)
+    known = list(model.model_fields)
+    unknown: list[InitErrorDetails] = []
+    for key, value in params.items():
+        if key in SET_BY_BUILDER:
+            message = f"set by {SET_BY_BUILDER[key]}; remove it here"
+        elif key not in model.model_fields:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {close[0]}?" if close else f"{name} takes {', '.join(known)}"
+            message = f"{name} has no parameter {key!r}; {hint}"
+        else:
+            continue
+        error = PydanticCustomError("encoder_param", message)  # no context: taken verbatim
+        unknown.append({"type": error, "loc": (key,), "input": value})
+    if unknown:
+        raise ValidationError.from_exception_data("params", unknown)
+    return model.model_validate(params).model_dump(exclude_unset=True)
+
 
 class LossConfig(_Strict):
     energy_weight: float = Field(1.0, ge=0, description="energy term of force tasks")
@@ -95,7 +160,16 @@ class RunConfig(_Strict):
     cpus_per_worker: float = Field(0.5, gt=0)
     use_gpu: bool = False
     storage: Path = Path("runs/results")
-    max_failures: int = Field(1, ge=0)
+    max_failures: int = Field(
+        1, ge=0, description="restarts after a worker dies (config and data errors: none)"
+    )
+    resource_timeout_s: float = Field(
+        600.0,
+        ge=0,
+        description="how long a run waits for its workers' CPUs/GPUs to come free (other jobs, "
+        "an autoscaler adding nodes) before it gives up; a request no node can ever hold "
+        "fails at once",
+    )
     seed: int = 42
     threads_per_worker: int | None = Field(None, gt=0, description="torch intra-op threads")
     fail_at_epoch: int | None = Field(None, description="testing: kill rank 0 once at this epoch")
@@ -144,7 +218,17 @@ def _validate(model: type[_M], raw: dict[str, Any], path: Path) -> _M:
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"{path}: {where}: {first['msg']}") from None
+        raise ConfigError(f"{path}: {where}: {first['msg']}{_given(first)}") from None
+
+
+def _given(error: Any) -> str:
+    """`` (got 'big')`` after a message on a scalar value of the wrong type or range."""
+    value = error.get("input")
+    if error["type"] in ("encoder_param", "extra_forbidden", "missing"):
+        return ""
+    if isinstance(value, str | int | float | bool) and len(repr(value)) <= 60:
+        return f" (got {value!r})"
+    return ""
 
 
 def _resolve_paths(config: ExperimentConfig) -> None:

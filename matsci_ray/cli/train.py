@@ -23,7 +23,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set optim.lr=3e-4 (YAML-parsed)",
     )
-    p.add_argument("--resume", type=Path, help="checkpoint directory to resume from")
+    p.add_argument(
+        "--resume",
+        type=Path,
+        metavar="CHECKPOINT",
+        help="continue after this checkpoint's epoch (a runs/results/NAME/checkpoint_... "
+        "directory of the same tasks and model): weights, optimiser, schedule and data order",
+    )
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
     p.set_defaults(func=run)
@@ -43,10 +49,12 @@ def parse_overrides(items: list[str]) -> dict[str, object]:
 
 def run(args: argparse.Namespace) -> int:
     from matsci_ray.config import load_config
+
+    # before torch and Ray are imported (seconds): a config error is reported at once
+    config = load_config(args.config, parse_overrides(args.set))
     from matsci_ray.ray_env import init_ray
     from matsci_ray.train.trainer import build_trainer
 
-    config = load_config(args.config, parse_overrides(args.set))
     init_ray(args.address, num_cpus=args.num_cpus)
     result = build_trainer(config, resume_from=args.resume).fit()
     if result.error is not None:

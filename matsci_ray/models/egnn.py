@@ -21,7 +21,7 @@ Default size (hidden 128, 3 layers, MLP width 256, 50 Gaussians): 646,915 parame
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -129,7 +129,7 @@ class EGNN(Encoder):
         update_coords: bool = False,
         attention: bool = True,
         aggr_norm: float = 16.0,
-        readout: str = "sum_mean",
+        readout: Literal["sum_mean", "sum", "mean"] = "sum_mean",
         element_features: bool = False,
     ) -> None:
         super().__init__()

@@ -42,7 +42,7 @@ cutoff 6 Å, pair cutoff 4 Å): 1,992,224 parameters.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -185,7 +185,7 @@ class GALA(Encoder):
         num_angular: int = 16,
         cutoff: float = 6.0,
         pair_cutoff: float = 4.0,
-        readout: str = "sum_mean",
+        readout: Literal["sum_mean", "sum", "mean"] = "sum_mean",
         element_features: bool = False,
     ) -> None:
         super().__init__()
