@@ -6,6 +6,7 @@ predicts in physical units.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -15,13 +16,30 @@ import torch
 from matsci_ray import __version__
 from matsci_ray.config import ExperimentConfig, dump_config
 from matsci_ray.data.schema import SCHEMA_VERSION
-from matsci_ray.errors import CheckpointError
+from matsci_ray.errors import CheckpointError, ConfigError
 from matsci_ray.models import build_encoder
 from matsci_ray.potential import MatSciModel
 from matsci_ray.tasks.registry import TASKS
 
 FORMAT_VERSION = 2  # 2: formation energy read out from atoms (EnergyHead)
 FILENAME = "checkpoint.pt"
+# What a resumed run must share with its checkpoint: the weights' shapes and what they mean.
+RESUME_MUST_MATCH = ("tasks", "model", "data.cutoff", "data.max_neighbors")
+# Settings that may change on resume without changing what is trained (no warning).
+RESUME_UNREMARKABLE = (
+    "name",
+    "run.storage",
+    "run.max_failures",
+    "run.resource_timeout_s",
+    "run.fail_at_epoch",
+    "run.threads_per_worker",
+    "run.cpus_per_worker",
+    "data.task_cpus",
+    "data.cache_graphs",
+    "data.cache_max_atoms",
+)
+
+logger = logging.getLogger(__name__)
 
 
 def build_model(config: ExperimentConfig) -> MatSciModel:
@@ -109,3 +127,63 @@ def load_training_state(
     if state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
     return int(state["epoch"]), state["best"], int(state["stale"])
+
+
+def checkpoint_epoch(path: Path | str) -> int:
+    """How many epochs the run had trained when it wrote checkpoint ``path``."""
+    return int(_read(Path(path))["epoch"])
+
+
+def check_resume(path: Path | str, config: ExperimentConfig) -> int:
+    """The epochs already trained at checkpoint ``path``, after checking that ``config`` can
+    continue from it: the tasks, model and graph cutoff must be the checkpoint's (one line
+    naming the first field that differs), and epochs must be left to train. Other changed
+    settings are logged: the run continues with them, and the optimiser keeps the learning
+    rate and weight decay it had."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(
+            f"{path}: no such checkpoint (--resume takes a checkpoint directory, "
+            "e.g. runs/results/NAME/checkpoint_...)"
+        )
+    if path.is_dir() and not (path / FILENAME).is_file():
+        raise CheckpointError(f"{path}: not a matsci-ray checkpoint directory (no {FILENAME})")
+    state = _read(path)
+    saved, given = _flatten(json.loads(state["config"])), _flatten(dump_config(config))
+    differing = [k for k in sorted(saved.keys() | given.keys()) if saved.get(k) != given.get(k)]
+    for key in differing:
+        if _under(key, RESUME_MUST_MATCH):
+            raise ConfigError(
+                f"{path}: {key} is {saved.get(key)!r} in the checkpoint but {given.get(key)!r} "
+                "in the config; a run resumes only with the tasks, model and cutoff it was "
+                "trained with"
+            )
+    epoch = int(state["epoch"])
+    if epoch >= config.optim.epochs:
+        raise ConfigError(
+            f"{path}: already trained {epoch} epochs, and optim.epochs is "
+            f"{config.optim.epochs}: nothing left to resume (raise optim.epochs)"
+        )
+    changed = [
+        f"{key} {saved.get(key)!r} -> {given.get(key)!r}"
+        for key in differing
+        if not _under(key, RESUME_UNREMARKABLE)
+    ]
+    if changed:
+        logger.warning("resuming from %s with changed settings: %s", path, "; ".join(changed))
+    return epoch
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"params": {"hidden_dim": 32}}}`` as ``{"model.params.hidden_dim": 32}``."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(f"{p}.") for p in prefixes)

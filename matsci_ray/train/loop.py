@@ -3,11 +3,15 @@
 Each epoch: stream this worker's shard of the graph dataset, step the optimiser, evaluate on
 this worker's validation shard (metrics all-reduced), write TensorBoard events and report
 metrics with a checkpoint. Restarts (``FailureConfig``) and ``--resume`` start from the last
-checkpoint's epoch with optimiser and scheduler state.
+checkpoint's epoch with optimiser and scheduler state, and each epoch reads its data in the
+order an uninterrupted run gives it (:mod:`matsci_ray.train.data_order`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import json
 import math
 import os
 import tempfile
@@ -27,10 +31,16 @@ from matsci_ray.config import ExperimentConfig
 from matsci_ray.data.mixing import MixedBatches, epoch_batches, mixture_weights
 from matsci_ray.graphs.batching import rows_to_pyg_batch
 from matsci_ray.potential import MatSciModel
-from matsci_ray.train.checkpoint import build_model, load_training_state, save_checkpoint
+from matsci_ray.train.checkpoint import (
+    build_model,
+    checkpoint_epoch,
+    load_training_state,
+    save_checkpoint,
+)
+from matsci_ray.train.data_order import announce, order_seed
 from matsci_ray.train.metrics import MetricSums, task_losses
 from matsci_ray.train.pcgrad import pcgrad_backward
-from matsci_ray.train.telemetry import Telemetry
+from matsci_ray.train.telemetry import HISTORY, Telemetry
 
 
 def batch_targets(model: MatSciModel) -> list[str]:
@@ -105,27 +115,50 @@ def evaluate(
 
 
 def train_batches(
-    config: ExperimentConfig, shards: dict[str, Any], sizes: dict[str, int], world_size: int
+    config: ExperimentConfig,
+    shards: dict[str, Any],
+    sizes: dict[str, int],
+    world_size: int,
+    epoch: int = 0,
+    rank: int = 0,
+    order_file: str | None = None,
 ) -> Iterator[dict[str, Any]]:
     """One epoch of row batches: a single data set streams directly; several are interleaved
-    by the mixing schedule so that no data set starves."""
+    by the mixing schedule so that no data set starves.
 
-    def passes(shard: Any) -> Callable[[], Iterator[dict[str, Any]]]:
-        return lambda: iter(
-            shard.iter_batches(
-                batch_size=config.data.batch_size,
-                batch_format="numpy",
-                local_shuffle_buffer_size=config.data.shuffle_buffer or None,
-                prefetch_batches=2,
+    Each pass over a data set is ordered by ``(run seed, epoch, pass)`` alone: rank 0
+    announces it in ``order_file`` for the split's coordinator, and the local shuffle buffer
+    is seeded with it (and the rank), so a resumed or restarted run sees what an
+    uninterrupted one sees."""
+    buffer = config.data.shuffle_buffer or None
+
+    def passes(name: str, shard: Any) -> Callable[[], Iterator[dict[str, Any]]]:
+        counter = itertools.count()
+
+        def start() -> Iterator[dict[str, Any]]:
+            index = next(counter)
+            if rank == 0 and order_file is not None:
+                announce(order_file, name, epoch, index)
+            return iter(
+                shard.iter_batches(
+                    batch_size=config.data.batch_size,
+                    batch_format="numpy",
+                    local_shuffle_buffer_size=buffer,
+                    local_shuffle_seed=order_seed(config.run.seed, epoch, index, rank)
+                    if buffer
+                    else None,
+                    prefetch_batches=2,
+                )
             )
-        )
+
+        return start
 
     if len(shards) == 1:
-        return passes(next(iter(shards.values())))()
+        return passes(*next(iter(shards.items())))()
     weights = mixture_weights(sizes, config.data.mix, config.data.mix_temperature)
     return iter(
         MixedBatches(
-            {name: passes(shard) for name, shard in shards.items()},
+            {name: passes(name, shard) for name, shard in shards.items()},
             weights,
             config.data.batch_size,
             epoch_batches(sizes, config.data.batch_size, world_size),
@@ -191,20 +224,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         core.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay
     )
     scheduler = _scheduler(optimizer, config, loop_config["steps_per_epoch"])
-    start_epoch, best, stale = 0, None, 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            start_epoch, best, stale = load_training_state(
-                Path(directory), core, optimizer, scheduler
-            )
+    start_epoch, best, stale = _restore(loop_config, config, core, optimizer, scheduler, rank)
     model = _prepare(core, config)
     train_shards = {d: ray.train.get_dataset_shard(f"train:{d}") for d in core.datasets}
     val_shards = {d: ray.train.get_dataset_shard(f"val:{d}") for d in core.datasets}
     sizes = {d: loop_config["summaries"][d]["records"] for d in core.datasets}
     targets = batch_targets(core)
     step = Stepper(config, core, model, optimizer)
+    step.steps = scheduler.last_epoch  # optimiser steps taken before a resume (PCGrad's seeds)
     telemetry = Telemetry(config, rank)
+    order_file = loop_config.get("order_file")
     started = time.monotonic()
     last_report_s = 0.0
 
@@ -214,7 +243,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         sums = MetricSums(core)
         epoch_start = wait = time.monotonic()
         waited, samples = 0.0, 0
-        for rows in train_batches(config, train_shards, sizes, world):
+        for rows in train_batches(config, train_shards, sizes, world, epoch, rank, order_file):
             batch = collate(rows, targets, core.datasets).to(device)
             waited += time.monotonic() - wait
             preds = model(batch)
@@ -261,6 +290,50 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if out_of_time or (patience is not None and stale >= patience):
             break
     telemetry.close()
+
+
+def _restore(
+    loop_config: dict[str, Any],
+    config: ExperimentConfig,
+    core: MatSciModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    rank: int,
+) -> tuple[int, float | None, int]:
+    """Load the checkpoint this worker group starts from; ``(start epoch, best, stale)``.
+
+    Ray Train V2 hands the loop this run's latest checkpoint (after a ``FailureConfig``
+    restart, or when a run directory of the same name and storage already holds one), and
+    ``--resume`` names another (``loop_config["resume_from"]``). The later of the two wins,
+    Ray's on a tie: a restart after a resume continues from the restart's checkpoint."""
+    resume = loop_config.get("resume_from")
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and resume is None:
+        return 0, None, 0
+    with contextlib.ExitStack() as stack:
+        candidates = []
+        if checkpoint is not None:
+            candidates.append(Path(stack.enter_context(checkpoint.as_directory())))
+        if resume is not None:
+            candidates.append(Path(resume))
+        chosen = max(candidates, key=checkpoint_epoch)  # the first of equals: Ray's
+        restored = load_training_state(chosen, core, optimizer, scheduler)
+    if rank == 0 and resume is not None and chosen == Path(resume):
+        _carry_history(config, Path(resume), restored[0])
+    return restored
+
+
+def _carry_history(config: ExperimentConfig, checkpoint: Path, epoch: int) -> None:
+    """A run resumed under a new name starts its ``history.jsonl`` with the source run's
+    epochs up to the checkpoint's, so its learning curve holds every epoch once."""
+    source = checkpoint.parent / HISTORY
+    target = config.run.storage / config.name / HISTORY
+    if target.exists() or not source.is_file():
+        return
+    rows = [line for line in source.read_text().splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line).get("epoch", 0) <= epoch]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("".join(f"{line}\n" for line in kept))
 
 
 def primary_metric(config: ExperimentConfig) -> tuple[str, bool]:

@@ -12,7 +12,6 @@ from typing import Any
 
 import ray.data
 import ray.train
-from ray.data import RandomSeedConfig
 from ray.train.torch import TorchTrainer
 
 from matsci_ray import keys as K
@@ -22,7 +21,15 @@ from matsci_ray.data.manifest import read_manifest
 from matsci_ray.data.mixing import epoch_batches
 from matsci_ray.graphs.batching import RadiusGraphTransform
 from matsci_ray.tasks.registry import TASKS
+from matsci_ray.train.checkpoint import check_resume
+from matsci_ray.train.data_order import (
+    ORDER_FILE,
+    EpochFileShuffle,
+    EpochOrder,
+    randomize_blocks_by_epoch,
+)
 from matsci_ray.train.loop import train_loop_per_worker
+from matsci_ray.train.preflight import prepare_run
 
 GEOMETRY = [K.DATASET, K.SAMPLE_ID, K.ATOMIC_NUMBERS, K.POSITIONS, K.CELL, K.PBC, K.NATOMS]
 # Atoms per graph-building batch: each batch pays a fixed cost (Arrow conversion, task
@@ -48,15 +55,36 @@ def graph_batch_rows(summary: dict[str, Any]) -> int:
     return int(min(max(GRAPH_BATCH_ATOMS / mean, 16), 1024))
 
 
+def order_file(config: ExperimentConfig) -> str:
+    """Where the training loop announces each pass's epoch (in the run directory)."""
+    return str((config.run.storage / config.name).resolve() / ORDER_FILE)
+
+
+def epoch_order(config: ExperimentConfig, dataset: str) -> EpochOrder:
+    """How ``dataset``'s training passes are ordered: by run seed, epoch and pass, as the
+    training loop announces them (:mod:`matsci_ray.train.data_order`)."""
+    return EpochOrder(config.run.seed, dataset, order_file(config))
+
+
 def graph_dataset(
-    config: ExperimentConfig, dataset: str, split: str, limit: int | None = None
+    config: ExperimentConfig,
+    dataset: str,
+    split: str,
+    limit: int | None = None,
+    shuffle_files: bool | None = None,
 ) -> ray.data.Dataset:
     """Rows of ``dataset``/``split`` (a seeded uniform sample of ``limit``) with radius-graph
-    columns added in the stream."""
+    columns added in the stream. ``shuffle_files`` (default: for the train split) reads the
+    files in each epoch's own order; a split that is cached is read once in manifest order,
+    and its epochs are ordered by :func:`cached_epochs`."""
     cpus = config.data.task_cpus
     root = config.data.root
-    seed = config.run.seed if split == "train" else None  # a new file order every epoch
-    ds = open_dataset(root, dataset, split, needed_columns(config), cpus, shuffle_seed=seed)
+    if shuffle_files is None:
+        shuffle_files = split == "train"
+    shuffle = None
+    if shuffle_files:
+        shuffle = EpochFileShuffle(config.run.seed, order=epoch_order(config, dataset))
+    ds = open_dataset(root, dataset, split, needed_columns(config), cpus, shuffle_seed=shuffle)
     if limit is not None:  # before the graphs: none is built for a row that is dropped
         ds = sample_rows(ds, root, dataset, split, limit, config.run.seed, num_cpus=cpus)
     transform = RadiusGraphTransform(config.data.cutoff, config.data.max_neighbors)
@@ -75,14 +103,16 @@ def should_cache(config: ExperimentConfig, summary: dict[str, Any]) -> bool:
     return 0 < total <= config.data.cache_max_atoms
 
 
-def cached_epochs(ds: ray.data.Dataset, seed: int) -> ray.data.Dataset:
+def cached_epochs(
+    ds: ray.data.Dataset, seed: int, order: EpochOrder | None = None
+) -> ray.data.Dataset:
     """``ds`` built once and kept in the object store in blocks of
-    :data:`CACHE_BLOCK_ROWS` rows, visited in a new seeded order every epoch; the workers'
-    shuffle buffers mix rows within that order. The re-blocking keeps that shuffle fine-grained
-    when graphs were built in batches of hundreds of small cells."""
-    order = RandomSeedConfig(seed=seed, reseed_after_execution=True)
-    blocks = ds.repartition(target_num_rows_per_block=CACHE_BLOCK_ROWS)
-    return blocks.materialize().randomize_block_order(seed=order)
+    :data:`CACHE_BLOCK_ROWS` rows, visited in a new seeded order every epoch (``order``'s:
+    the epoch's own; without it, each execution's); the workers' shuffle buffers mix rows
+    within that order. The re-blocking keeps that shuffle fine-grained when graphs were built
+    in batches of hundreds of small cells."""
+    blocks = ds.repartition(target_num_rows_per_block=CACHE_BLOCK_ROWS).materialize()
+    return randomize_blocks_by_epoch(blocks, order or EpochOrder(seed, "cached"))
 
 
 def manifest_splits(config: ExperimentConfig) -> dict[str, dict[str, Any]]:
@@ -108,7 +138,16 @@ def build_trainer(
     callbacks: list[Any] | None = None,
 ) -> TorchTrainer:
     """The trainer of ``config``: one data set (single- or multi-task) or several (multi-data,
-    interleaved by ``data.mix``). ``callbacks`` are Ray Train callbacks (Tune's reporter)."""
+    interleaved by ``data.mix``). ``callbacks`` are Ray Train callbacks (Tune's reporter).
+
+    ``resume_from`` (a checkpoint directory) starts the run after that checkpoint's epoch,
+    with its weights, optimiser and scheduler state; it must hold the same tasks and model
+    (:func:`check_resume`). Ray Train V2 takes no checkpoint to start from: the path goes to
+    the workers in ``train_loop_config``, and the loop loads it unless Ray hands it a later
+    checkpoint of this run (a restart, or a run directory that already went further)."""
+    if resume_from is not None:  # before any cluster or data work: a bad path fails at once
+        check_resume(resume_from, config)
+    callbacks = prepare_run(config, callbacks)  # checks model, cluster; user errors not retried
     ray.data.DataContext.get_current().enable_progress_bars = False  # per-epoch log noise
     # The controller polls workers this often, and each epoch's report waits for a poll
     # (Ray's default of 2 s cost ~0.8 s per epoch here); the driver's value reaches it.
@@ -119,13 +158,15 @@ def build_trainer(
     sizes: dict[str, int] = {}
     for name, splits in splits_by_name.items():
         limit = config.data.max_train_samples
-        train = graph_dataset(config, name, "train", limit)
+        cache = should_cache(config, splits["train"])
+        train = graph_dataset(config, name, "train", limit, shuffle_files=not cache)
         count = summaries[name]["records"]
         if limit:
             count = min(count, limit)
             summaries[name] = {**summaries[name], "records": count}
-        if should_cache(config, splits["train"]):
-            train = cached_epochs(train, config.run.seed)
+        if cache:
+            order = epoch_order(config, name)
+            train = cached_epochs(train, config.run.seed, order)
         val = graph_dataset(config, name, config.data.val_split)
         if should_cache(config, splits.get(config.data.val_split, {})):
             val = val.materialize()
@@ -135,15 +176,14 @@ def build_trainer(
     resources = {"CPU": config.run.cpus_per_worker}
     if config.run.use_gpu:
         resources["GPU"] = 1
-    checkpoint = None
-    if resume_from is not None:
-        checkpoint = ray.train.Checkpoint.from_directory(str(Path(resume_from).resolve()))
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "experiment": dump_config(config),
             "summaries": summaries,
             "steps_per_epoch": steps,
+            "resume_from": str(Path(resume_from).resolve()) if resume_from else None,
+            "order_file": order_file(config),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.run.num_workers,
@@ -162,5 +202,4 @@ def build_trainer(
         dataset_config=ray.train.DataConfig(
             datasets_to_split=[k for k in datasets if k.startswith("train:")]
         ),
-        resume_from_checkpoint=checkpoint,
     )

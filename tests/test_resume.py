@@ -1,0 +1,217 @@
+"""``matsci-ray train --resume``: a run stopped after epoch k continues at k+1 with the
+optimiser, schedule and data order it had, and ends where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from matsci_ray.cli.main import main
+from matsci_ray.config import ExperimentConfig
+from matsci_ray.train.checkpoint import checkpoint_epoch
+from matsci_ray.train.telemetry import read_history
+from tests.samples import TINY_EGNN
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+METRIC = "val/mp-band-gap/mse"
+
+
+@pytest.fixture(scope="module")
+def data_root(samples: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from matsci_ray.data.ingest import run_ingest
+    from matsci_ray.data.shards import IngestOptions
+
+    root = tmp_path_factory.mktemp("ingested")
+    docs = [samples / "materials_project" / "summary_docs.jsonl"]
+    run_ingest("materials-project", docs, root, IngestOptions(source="materials-project"))
+    return root
+
+
+@pytest.fixture
+def ordered() -> Iterator[None]:
+    """Ray Data hands out blocks in plan order (as the trainer captures the driver's
+    context): with one worker, a run is then deterministic, so runs can be compared."""
+    import ray.data
+
+    options = ray.data.DataContext.get_current().execution_options
+    before = options.preserve_order
+    options.preserve_order = True
+    yield
+    options.preserve_order = before
+
+
+def _raw(root: Path, storage: Path, name: str, **run: object) -> dict:
+    """One worker, a cosine schedule (the lr moves every step), the cached-graph path."""
+    return {
+        "name": name,
+        "tasks": ["mp-band-gap"],
+        "data": {"root": str(root), "cutoff": 4.0, "batch_size": 16, "max_train_samples": 64},
+        "model": {"name": "egnn", "params": TINY_EGNN, "head_hidden": 16},
+        "optim": {"lr": 3e-3, "epochs": 3, "scheduler": "cosine"},
+        "run": {
+            "num_workers": 1,
+            "cpus_per_worker": 0.5,
+            "storage": str(storage),
+            "threads_per_worker": 1,
+            **run,
+        },
+    }
+
+
+def _config(raw: dict) -> ExperimentConfig:
+    return ExperimentConfig.model_validate(raw)
+
+
+def _checkpoint_at(run_dir: Path, epoch: int) -> Path:
+    found = [p for p in run_dir.glob("checkpoint_*/") if checkpoint_epoch(p) == epoch]
+    assert found, f"no checkpoint of epoch {epoch} in {run_dir}"
+    return found[0]
+
+
+def _stop_after_epoch_2(raw: dict) -> Path:
+    """Run ``raw`` (3 epochs) so that it dies as epoch 3 starts, with no retry (its worker
+    exits, as a lost node's would): the run's epoch-2 checkpoint."""
+    from matsci_ray.train.trainer import build_trainer
+
+    config = _config({**raw, "run": {**raw["run"], "fail_at_epoch": 2, "max_failures": 0}})
+    with pytest.raises(Exception):  # noqa: B017 - Ray Train's failure wrapper, whatever its type
+        build_trainer(config).fit()
+    run_dir = config.run.storage / config.name
+    assert [row["epoch"] for row in read_history(run_dir)] == [1, 2]
+    return _checkpoint_at(run_dir, 2)
+
+
+@pytest.mark.usefixtures("ordered")
+def test_resumed_run_ends_where_an_uninterrupted_run_ends(
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """3 epochs in one go against 2 epochs, a crash, and ``resume_from`` the epoch-2
+    checkpoint under a new name: same epochs, same final lr, same validation error. The same
+    holds for a worker that dies and is restarted by ``FailureConfig`` within one run."""
+    from matsci_ray.train import trainer
+    from matsci_ray.train.trainer import build_trainer
+
+    # 8 cached blocks of 8 rows: each epoch's block order is one of 8! (with the 64-row
+    # default the 64 sampled rows are one block, and the order would not be tested)
+    monkeypatch.setattr(trainer, "CACHE_BLOCK_ROWS", 8)
+    storage = tmp_path / "runs"
+    full = build_trainer(_config(_raw(data_root, storage, "full"))).fit()
+    checkpoint = _stop_after_epoch_2(_raw(data_root, storage, "stopped"))
+
+    resumed_config = _config(_raw(data_root, storage, "resumed"))
+    resumed = build_trainer(resumed_config, resume_from=checkpoint).fit()
+
+    assert resumed.metrics["epoch"] == full.metrics["epoch"] == 3
+    assert resumed.metrics["lr"] == pytest.approx(full.metrics["lr"], rel=1e-12)
+    # one worker, ordered blocks, one thread: the same arithmetic in the same order
+    assert resumed.metrics[METRIC] == pytest.approx(full.metrics[METRIC], rel=1e-6)
+    history = read_history(storage / "resumed")
+    assert [row["epoch"] for row in history] == [1, 2, 3]  # epochs 1-2 carried over, once
+    lines = (storage / "resumed" / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+
+    restarted_config = _config(_raw(data_root, storage, "restarted", fail_at_epoch=2))
+    restarted = build_trainer(restarted_config).fit()
+    assert (storage / "restarted" / ".failed-at-2").exists()  # the worker did die
+    assert restarted.metrics["epoch"] == 3
+    assert restarted.metrics["lr"] == pytest.approx(full.metrics["lr"], rel=1e-12)
+    assert restarted.metrics[METRIC] == pytest.approx(full.metrics[METRIC], rel=1e-6)
+
+
+def test_data_order_is_the_epochs_own(tmp_path: Path) -> None:
+    """Each pass's order follows the announced epoch alone: announcing epoch 1 again gives
+    epoch 1's order, however many executions came between (cached blocks and file reads)."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+    import ray.data
+
+    from matsci_ray.train.data_order import (
+        EpochFileShuffle,
+        EpochOrder,
+        announce,
+        randomize_blocks_by_epoch,
+    )
+
+    path = tmp_path / "order.json"
+    blocks = ray.data.range(12 * 8, override_num_blocks=12).materialize()
+    cached = randomize_blocks_by_epoch(blocks, EpochOrder(7, "c", str(path)))
+    files = []
+    for k in range(12):
+        files.append(str(tmp_path / f"part-{k:02d}.csv"))
+        pcsv.write_csv(pa.table({"id": list(range(8 * k, 8 * k + 8))}), files[-1])
+    shuffle = EpochFileShuffle(7, order=EpochOrder(7, "f", str(path)))
+    streamed = ray.data.read_csv(files, shuffle=shuffle)
+
+    options = ray.data.DataContext.get_current().execution_options
+    before, options.preserve_order = options.preserve_order, True
+    try:
+        for name, ds in (("c", cached), ("f", streamed)):
+            orders = {}
+            for epoch in (0, 1, 2, 1, 1):
+                announce(path, name, epoch, 0)
+                order = [int(row["id"]) for row in ds.take_all()]
+                assert orders.setdefault(epoch, order) == order, (name, epoch)
+                assert sorted(order) == list(range(96))
+            assert len({tuple(o) for o in orders.values()}) == 3, name  # each epoch its own
+    finally:
+        options.preserve_order = before
+
+
+def _write(raw: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_cli_resume_continues_the_stopped_run(
+    data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``matsci-ray train CONFIG --resume CHECKPOINT`` (what failed under Ray Train V2) on the
+    streamed-graph path, in the stopped run's own directory: epoch 3 runs, once."""
+    storage = tmp_path / "runs"
+    raw = _raw(data_root, storage, "cli")
+    raw["data"]["cache_graphs"] = "never"
+    checkpoint = _stop_after_epoch_2(raw)
+    config = _write(raw, tmp_path / "cli.yaml")
+
+    assert main(["train", str(config), "--resume", str(checkpoint)]) == 0
+    assert f"checkpoint: {storage / 'cli'}" in capsys.readouterr().out
+    lines = (storage / "cli" / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+
+
+def test_cli_bad_resume_is_one_line(
+    data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A missing path, a directory without a checkpoint, another model, or no epochs left:
+    exit 2 and one line naming the checkpoint (and the field), before any Ray work."""
+    import torch
+
+    from matsci_ray.train.checkpoint import build_model, save_checkpoint
+
+    storage = tmp_path / "runs"
+    raw = _raw(data_root, storage, "bad")
+    config = _write(raw, tmp_path / "bad.yaml")
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    torch.manual_seed(0)
+    save_checkpoint(saved, build_model(_config(raw)), _config(raw), epoch=3)
+    wider = {**raw, "model": {**raw["model"], "params": {**TINY_EGNN, "hidden_dim": 32}}}
+
+    cases = [
+        (config, tmp_path / "missing", "no such checkpoint"),
+        (config, tmp_path, "no checkpoint.pt"),
+        (_write(wider, tmp_path / "wider.yaml"), saved, "model.params.hidden_dim is 16"),
+        (config, saved, "nothing left to resume"),
+    ]
+    for yaml_path, checkpoint, words in cases:
+        capsys.readouterr()
+        assert main(["train", str(yaml_path), "--resume", str(checkpoint)]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("matsci-ray train: error: "), lines
+        assert str(checkpoint) in lines[0] and words in lines[0], lines[0]
+    assert not storage.exists()  # failed before any run started
