@@ -136,3 +136,11 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     garbage.write_bytes(b"junk")
     with pytest.raises(errors.CheckpointError):
         main(["--debug", "evaluate", str(garbage)])
+
+
+def test_a_missing_checkpoint_is_a_user_error_not_retried(tmp_path: Path) -> None:
+    from matsci_ray.train.checkpoint import load_model
+
+    # a MatSciError: a worker that meets it ends the run instead of retrying (train.preflight)
+    with pytest.raises(errors.CheckpointError, match="no checkpoint here"):
+        load_model(tmp_path / "nowhere")

@@ -83,7 +83,7 @@ def _read(path: Path) -> dict[str, Any]:
     if path.is_dir():
         path = path / FILENAME
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no checkpoint here")
+        raise CheckpointError(f"{path}: no checkpoint here")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a corrupt file
