@@ -150,9 +150,38 @@ class OptimConfig(_Strict):
     epochs: int = Field(20, gt=0)
     max_minutes: float | None = Field(None, gt=0, description="stop after this wall time")
     grad_clip: float | None = Field(10.0, gt=0)
-    scheduler: Literal["cosine", "plateau", "none"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
+    scheduler: Literal["cosine", "plateau", "none"] = Field(
+        "cosine",
+        description="cosine: per optimiser step from lr down to 0.02 lr at the last epoch; "
+        "plateau: lr times plateau_factor after plateau_patience epochs without gain in the "
+        "first task's validation metric (not below 0.02 lr); none: constant",
+    )
+    warmup_steps: int = Field(
+        0, ge=0, description="optimiser steps of linear warm-up to lr (before any scheduler)"
+    )
+    plateau_factor: float = Field(
+        0.5, gt=0, lt=1, description="plateau: what the lr is multiplied by at each cut"
+    )
+    plateau_patience: int = Field(
+        3,
+        gt=0,
+        description="plateau: epochs in a row without gain (counted after warm-up) before a cut",
+    )
     early_stopping_patience: int | None = Field(None, gt=0, description="epochs without gain")
+
+    @field_validator("early_stopping_patience")
+    @classmethod
+    def _stops_after_a_cut(cls, patience: int | None, info: ValidationInfo) -> int | None:
+        """With plateau, stopping no later than the first cut would make plateau a no-op."""
+        plateau = info.data.get("plateau_patience")
+        if patience is None or info.data.get("scheduler") != "plateau" or plateau is None:
+            return patience
+        if patience <= plateau:
+            raise ValueError(
+                f"must exceed optim.plateau_patience ({plateau}) with the plateau scheduler, "
+                "or the run stops before its learning rate is ever lowered"
+            )
+        return patience
 
 
 class RunConfig(_Strict):

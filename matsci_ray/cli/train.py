@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from matsci_ray.config import ExperimentConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -68,5 +72,25 @@ def run(args: argparse.Namespace) -> int:
     )
     if result.checkpoint is not None:
         print(f"checkpoint: {result.checkpoint.path}")
+    best = best_checkpoint_line(result, config)
+    if best:
+        print(best)
     print(f"tensorboard: tensorboard --logdir {config.run.storage / config.name / 'tensorboard'}")
     return 0
+
+
+def best_checkpoint_line(result: Any, config: ExperimentConfig) -> str | None:
+    """``best checkpoint: PATH (epoch N, KEY VALUE)``: the checkpoint Ray kept for the best
+    primary validation metric (``result.best_checkpoints``, best last), beside the latest
+    (``result.checkpoint``), which a resume continues from."""
+    from matsci_ray.train.loop import primary_metric
+
+    if not result.best_checkpoints:
+        return None
+    checkpoint, metrics = result.best_checkpoints[-1]
+    key, _ = primary_metric(config)
+    score = metrics.get(key)
+    detail = f"epoch {metrics.get('epoch')}"
+    if score is not None:
+        detail += f", {key} = {score:.6g}"
+    return f"best checkpoint: {checkpoint.path} ({detail})"

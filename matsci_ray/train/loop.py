@@ -40,6 +40,7 @@ from matsci_ray.train.checkpoint import (
 from matsci_ray.train.data_order import announce, order_seed
 from matsci_ray.train.metrics import MetricSums, task_losses
 from matsci_ray.train.pcgrad import pcgrad_backward
+from matsci_ray.train.schedule import Schedule
 from matsci_ray.train.telemetry import HISTORY, Telemetry
 
 
@@ -48,23 +49,6 @@ def batch_targets(model: MatSciModel) -> list[str]:
     for task in model.tasks.values():
         names += task.columns
     return list(dict.fromkeys(names))
-
-
-def _scheduler(
-    optimizer: torch.optim.Optimizer, config: ExperimentConfig, steps_per_epoch: int
-) -> torch.optim.lr_scheduler.LRScheduler:
-    total = max(config.optim.epochs * steps_per_epoch, 1)
-    warmup = config.optim.warmup_steps
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if config.optim.scheduler == "cosine":
-            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-            return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress))
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _maybe_fail(config: ExperimentConfig, epoch: int, rank: int) -> None:
@@ -223,7 +207,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     optimizer = torch.optim.AdamW(
         core.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay
     )
-    scheduler = _scheduler(optimizer, config, loop_config["steps_per_epoch"])
+    key, higher = primary_metric(config)
+    scheduler = Schedule(optimizer, config.optim, loop_config["steps_per_epoch"], higher)
     start_epoch, best, stale = _restore(loop_config, config, core, optimizer, scheduler, rank)
     model = _prepare(core, config)
     train_shards = {d: ray.train.get_dataset_shard(f"train:{d}") for d in core.datasets}
@@ -231,7 +216,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     sizes = {d: loop_config["summaries"][d]["records"] for d in core.datasets}
     targets = batch_targets(core)
     step = Stepper(config, core, model, optimizer)
-    step.steps = scheduler.last_epoch  # optimiser steps taken before a resume (PCGrad's seeds)
+    step.steps = scheduler.steps  # optimiser steps taken before a resume (PCGrad's seeds)
     telemetry = Telemetry(config, rank)
     order_file = loop_config.get("order_file")
     started = time.monotonic()
@@ -249,7 +234,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             preds = model(batch)
             losses = task_losses(core, preds, batch, config.loss)
             step(losses)
-            scheduler.step()
+            scheduler.step_batch()
             for name, loss in losses.items():
                 sums.add_loss(name, float(loss.detach()), batch.num_graphs)
             sums.update(preds, batch)
@@ -267,10 +252,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # where an epoch's wall time goes: training, validation, and (below) checkpointing
         metrics["time/train_s"] = elapsed
         metrics["time/val_s"] = time.monotonic() - val_start
+        # plateau: the same metric on every rank (evaluate broadcasts it), the same cut
+        scheduler.step_epoch(metrics.get(key, float("nan")))
         metrics.update(
             {
                 "epoch": epoch + 1,
-                "lr": optimizer.param_groups[0]["lr"],
+                "lr": scheduler.lr,  # what the next step uses: after this epoch's plateau cut
                 "train/samples_per_s": samples * world / max(elapsed, 1e-9),
                 "train/data_wait_fraction": waited / max(elapsed, 1e-9),
             }
@@ -297,7 +284,7 @@ def _restore(
     config: ExperimentConfig,
     core: MatSciModel,
     optimizer: torch.optim.Optimizer,
-    scheduler: Any,
+    scheduler: Schedule,
     rank: int,
 ) -> tuple[int, float | None, int]:
     """Load the checkpoint this worker group starts from; ``(start epoch, best, stale)``.
@@ -360,7 +347,7 @@ def _report(
     config: ExperimentConfig,
     core: MatSciModel,
     optimizer: torch.optim.Optimizer,
-    scheduler: Any,
+    scheduler: Schedule,
     metrics: dict[str, float],
     epoch: int,
     best: float | None,

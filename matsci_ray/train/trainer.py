@@ -28,7 +28,7 @@ from matsci_ray.train.data_order import (
     EpochOrder,
     randomize_blocks_by_epoch,
 )
-from matsci_ray.train.loop import train_loop_per_worker
+from matsci_ray.train.loop import primary_metric, train_loop_per_worker
 from matsci_ray.train.preflight import prepare_run
 
 GEOMETRY = [K.DATASET, K.SAMPLE_ID, K.ATOMIC_NUMBERS, K.POSITIONS, K.CELL, K.PBC, K.NATOMS]
@@ -132,6 +132,21 @@ def train_summaries(
     return summaries
 
 
+def checkpoint_config(config: ExperimentConfig) -> ray.train.CheckpointConfig:
+    """Keep the best checkpoint by the primary validation metric, and the latest.
+
+    Ray Train ranks checkpoints by ``checkpoint_score_attribute`` (looked up as given in the
+    flat metrics, so a key with '/' works; NaN ranks worst, a tie goes to the later) and keeps
+    ``num_to_keep`` of them, and never deletes the latest, which restarts and ``--resume``
+    continue from. ``result.checkpoint`` is the latest, ``result.best_checkpoints`` the best."""
+    key, higher = primary_metric(config)
+    return ray.train.CheckpointConfig(
+        num_to_keep=1,
+        checkpoint_score_attribute=key,
+        checkpoint_score_order="max" if higher else "min",
+    )
+
+
 def build_trainer(
     config: ExperimentConfig,
     resume_from: Path | None = None,
@@ -194,7 +209,7 @@ def build_trainer(
             name=config.name,
             storage_path=str(config.run.storage),
             failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            checkpoint_config=checkpoint_config(config),
             callbacks=callbacks,
         ),
         datasets=datasets,
