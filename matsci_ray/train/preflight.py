@@ -200,17 +200,19 @@ def wait_until_free(
             return
         while True:
             waited = time.monotonic() - started
+            # said before giving up too: on a loaded machine the quiet probe alone can outlast
+            # a short timeout, and the wait must still be seen
+            logger.warning(
+                "waiting for %s to come free (%s); giving up in %.0f s (run.resource_timeout_s)",
+                describe(count, bundle, asks=False),
+                describe_free(bundle, nodes),
+                max(timeout_s - waited, 0.0),
+            )
             if waited >= timeout_s:
                 raise ResourceError(
                     f"{describe(count, bundle)}: not free after {waited:.0f} s "
                     f"(run.resource_timeout_s {timeout_s:g}); {describe_free(bundle, nodes)}"
                 )
-            logger.warning(
-                "waiting for %s to come free (%s); giving up in %.0f s (run.resource_timeout_s)",
-                describe(count, bundle, asks=False),
-                describe_free(bundle, nodes),
-                timeout_s - waited,
-            )
             if group.wait(timeout_seconds=min(WAIT_LOG_INTERVAL_S, timeout_s - waited)):
                 return
     finally:
