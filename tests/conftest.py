@@ -60,3 +60,15 @@ def samples() -> Path:
     if not SAMPLES.exists():
         pytest.skip(f"sample data not found at {SAMPLES}")
     return SAMPLES
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models on a shared 2-core machine: one torch thread is far faster than two
+    spinning (``pytestmark = pytest.mark.usefixtures("one_thread")`` in a module)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

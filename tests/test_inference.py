@@ -8,7 +8,7 @@ its forces are large enough for a relaxation to mean something.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import ase.io
@@ -38,13 +38,7 @@ MP_TASKS = ["mp-formation-energy", "mp-band-gap", "mp-stability", "mp-space-grou
 FORCES = "lips-forces"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models on a shared 2-core machine: one thread is ~100x faster than two spinning."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

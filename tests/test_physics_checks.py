@@ -12,7 +12,6 @@ from __future__ import annotations
 import pickle
 import re
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import ase.io
@@ -35,13 +34,7 @@ from tests.samples import ingest_in_process, tiny_model
 LIPS_FORCES = "lips-forces"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models on a shared 2-core machine: one thread avoids two spinning."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _slab(vacuum_cell: float, pbc: tuple[bool, bool, bool] = (True, True, False)) -> Record:
