@@ -11,7 +11,7 @@ import pytest
 
 from matsci_ray.cli.main import main
 
-pytestmark = pytest.mark.usefixtures("ray_local")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 
 
 def test_demo_runs_every_family_and_writes_the_leaderboard(

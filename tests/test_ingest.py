@@ -288,6 +288,7 @@ def _tree(root: Path) -> dict[str, bytes]:
     }
 
 
+@pytest.mark.slow
 def test_killed_ingest_resumes_to_identical_output(samples: Path, tmp_path: Path) -> None:
     """Kill the CLI (and its Ray) mid-run; the re-run skips finished units, output is identical."""
     traj = samples / "oc20" / "trajectories"

@@ -86,6 +86,9 @@ class Head:
         psutil.wait_procs(mine, timeout=30)
 
 
+pytestmark = pytest.mark.slow  # a cluster started with `ray start`, jobs submitted to it
+
+
 @pytest.fixture(scope="module")
 def head() -> Iterator[Head]:
     # short: Ray's socket paths under the temp dir must stay below 108 characters

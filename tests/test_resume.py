@@ -86,6 +86,7 @@ def _stop_after_epoch_2(raw: dict) -> Path:
     return _checkpoint_at(run_dir, 2)
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("ordered")
 def test_resumed_run_ends_where_an_uninterrupted_run_ends(
     data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -167,6 +168,7 @@ def _write(raw: dict, path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_cli_resume_continues_the_stopped_run(
     data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -14,7 +14,7 @@ from matsci_ray.data.ingest import run_ingest
 from matsci_ray.data.shards import IngestOptions
 from matsci_ray.experiments.study import run_study, variants
 
-pytestmark = pytest.mark.usefixtures("ray_local")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 
 
 @pytest.fixture(scope="module")

@@ -67,6 +67,7 @@ def _config(
 MP_TASKS = ["mp-band-gap", "mp-stability", "mp-space-group"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["egnn", "megnet", "gala"])
 def test_loss_decreases_and_checkpoint_reloads(model: str, data_root: Path, tmp_path: Path) -> None:
     config = _config(data_root, tmp_path, f"mp-{model}", MP_TASKS, model)
@@ -108,6 +109,7 @@ def _mp_structures(n: int) -> list:
     ]
 
 
+@pytest.mark.slow
 def test_forces_training_on_lips(data_root: Path, tmp_path: Path) -> None:
     config = _config(
         data_root,
@@ -127,6 +129,7 @@ def test_forces_training_on_lips(data_root: Path, tmp_path: Path) -> None:
     assert result.metrics["val/lips-forces/mae"] > 0
 
 
+@pytest.mark.slow
 def test_killed_worker_restarts_from_last_checkpoint(data_root: Path, tmp_path: Path) -> None:
     config = _config(
         data_root,

@@ -43,6 +43,8 @@ def _quiet_ray_data_console() -> None:
     """Keep Ray Data's progress and task tracebacks in its session log file, off the console:
     a bad shard then ends the command with one line naming it (``-v`` shows them again)."""
     for handler in logging.getLogger("ray.data").handlers:
-        console = isinstance(handler, logging.StreamHandler)
-        if console and not isinstance(handler, logging.FileHandler):
+        # Ray's own console handler only: a handler shared with other loggers (a test
+        # runner's capture, an application's) keeps its level
+        ours = type(handler).__module__.startswith("ray.")
+        if ours and not isinstance(handler, logging.FileHandler):
             handler.setLevel(logging.CRITICAL)
