@@ -129,15 +129,17 @@ class Predictor:
         return results
 
     def predict_batches(
-        self, structures: Iterable[Atoms], batch_size: int = 32
+        self, structures: Iterable[Atoms], batch_size: int = 32, checked: bool = False
     ) -> Iterator[dict[str, Any]]:
         """:meth:`predict` over a stream, ``batch_size`` structures at a time; a refused
-        structure is named by its position in the whole stream."""
+        structure is named by its position in the whole stream (``checked``: the caller ran
+        :meth:`check` on every structure already)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         chunk: list[Atoms] = []
         for index, atoms in enumerate(structures):
-            self._refuse_unsound(atoms, index)
+            if not checked:
+                self._refuse_unsound(atoms, index)
             chunk.append(atoms)
             if len(chunk) == batch_size:
                 yield from self._predict(chunk, forces=True)

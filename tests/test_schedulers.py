@@ -21,6 +21,7 @@ from matsci_ray.train.checkpoint import (
     build_model,
     checkpoint_epoch,
     load_training_state,
+    read_checkpoint,
     save_checkpoint,
 )
 from matsci_ray.train.schedule import Schedule
@@ -145,7 +146,7 @@ def _resumed(directory: Path, config: ExperimentConfig, spe: int) -> tuple:
     model = build_model(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr)
     schedule = Schedule(optimizer, config.optim, spe, higher_is_better=False)
-    load_training_state(directory, model, optimizer, schedule)
+    load_training_state(read_checkpoint(directory), model, optimizer, schedule)
     return optimizer, schedule
 
 

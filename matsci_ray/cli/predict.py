@@ -122,7 +122,8 @@ def _predict_file(path: Path, args: argparse.Namespace, predictor: Predictor, ou
 
     written = 0
     try:
-        for result in predictor.predict_batches(frames(), args.batch_size):
+        # every frame was checked by _checked, which names it by its frame number
+        for result in predictor.predict_batches(frames(), args.batch_size, checked=True):
             row = {"file": str(path), "frame": pending.popleft()}
             for key, value in result.items():
                 row[key] = value.tolist() if hasattr(value, "tolist") else value

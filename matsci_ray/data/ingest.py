@@ -33,6 +33,7 @@ from matsci_ray.data.shards import (
     unit_name,
 )
 from matsci_ray.data.splits import load_id_split
+from matsci_ray.errors import user_facing
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +73,6 @@ def _check_not_empty(units: list[WorkUnit], sidecars: dict[str, dict[str, Any]])
             raise SourceError(file, "empty: no records in it")
 
 
-def _unwrap(error: Exception) -> Exception:
-    """The user-facing exception inside a Ray task error (SourceError, StrictModeError…)."""
-    cause = getattr(error, "cause", None)
-    return cause if isinstance(cause, Exception) else error
-
-
 def run_ingest(
     source: str,
     paths: list[Path],
@@ -103,7 +98,7 @@ def run_ingest(
     try:
         planned = ray.get([plan_task.remote(options, str(f), name) for f, name in named])
     except ray.exceptions.RayTaskError as error:
-        raise _unwrap(error) from None
+        raise user_facing(error) or error from None
     units = [u for file_units, _ in planned for u in file_units]
     inputs = [info for _, info in planned]
     checksum = {info["file"]: info["sha256"] for info in inputs}
@@ -143,7 +138,7 @@ def run_ingest(
             try:
                 sidecar = ray.get(ready[0])
             except ray.exceptions.RayTaskError as error:
-                raise _unwrap(error) from None
+                raise user_facing(error) or error from None
             sidecars[unit_name(unit)] = sidecar
             if on_unit_done is not None:
                 on_unit_done(sidecar)

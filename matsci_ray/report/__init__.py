@@ -125,9 +125,11 @@ def plain_run(run_dir: Path) -> Trial:
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is not None:
         from matsci_ray.config import ExperimentConfig
-        from matsci_ray.train.checkpoint import _read  # the config only, not a built model
 
-        config = ExperimentConfig.model_validate(json.loads(_read(checkpoint)["config"]))
+        # the config only, not a built model
+        from matsci_ray.train.checkpoint import read_checkpoint
+
+        config = ExperimentConfig.model_validate(json.loads(read_checkpoint(checkpoint)["config"]))
         tasks, model, combine = list(config.tasks), config.model.name, config.loss.combine
     if not tasks:
         seen = (key.split("/")[1] for key in metrics if key.startswith("val/"))

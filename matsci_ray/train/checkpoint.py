@@ -78,7 +78,9 @@ def save_checkpoint(
     return path
 
 
-def _read(path: Path) -> dict[str, Any]:
+def read_checkpoint(path: Path | str) -> dict[str, Any]:
+    """The saved state of checkpoint ``path`` (a directory or its file), loaded as tensors and
+    plain data only; anything else is a one-line :class:`CheckpointError`."""
     path = Path(path)
     if path.is_dir():
         path = path / FILENAME
@@ -108,7 +110,7 @@ def _load_failure(error: Exception) -> str:
 
 def load_model(path: Path | str) -> tuple[MatSciModel, ExperimentConfig, dict[str, float]]:
     """Model (eval mode), its config and the metrics recorded with it."""
-    state = _read(Path(path))
+    state = read_checkpoint(Path(path))
     config = ExperimentConfig.model_validate(json.loads(state["config"]))
     model = build_model(config)
     model.load_state_dict(state["model"])
@@ -117,10 +119,10 @@ def load_model(path: Path | str) -> tuple[MatSciModel, ExperimentConfig, dict[st
 
 
 def load_training_state(
-    directory: Path, model: MatSciModel, optimizer: torch.optim.Optimizer, scheduler: Any
+    state: dict[str, Any], model: MatSciModel, optimizer: torch.optim.Optimizer, scheduler: Any
 ) -> tuple[int, float | None, int]:
-    """Restore in place; returns ``(next epoch, best score, epochs without gain)``."""
-    state = _read(directory)
+    """Restore ``state`` (:func:`read_checkpoint`) in place; returns ``(next epoch, best
+    score, epochs without gain)``."""
     model.load_state_dict(state["model"])
     if state["optimizer"] is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -131,7 +133,7 @@ def load_training_state(
 
 def checkpoint_epoch(path: Path | str) -> int:
     """How many epochs the run had trained when it wrote checkpoint ``path``."""
-    return int(_read(Path(path))["epoch"])
+    return int(read_checkpoint(Path(path))["epoch"])
 
 
 def check_resume(path: Path | str, config: ExperimentConfig) -> int:
@@ -148,7 +150,7 @@ def check_resume(path: Path | str, config: ExperimentConfig) -> int:
         )
     if path.is_dir() and not (path / FILENAME).is_file():
         raise CheckpointError(f"{path}: not a matsci-ray checkpoint directory (no {FILENAME})")
-    state = _read(path)
+    state = read_checkpoint(path)
     saved, given = _flatten(json.loads(state["config"])), _flatten(dump_config(config))
     differing = [k for k in sorted(saved.keys() | given.keys()) if saved.get(k) != given.get(k)]
     for key in differing:

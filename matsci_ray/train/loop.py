@@ -33,8 +33,8 @@ from matsci_ray.graphs.batching import rows_to_pyg_batch
 from matsci_ray.potential import MatSciModel
 from matsci_ray.train.checkpoint import (
     build_model,
-    checkpoint_epoch,
     load_training_state,
+    read_checkpoint,
     save_checkpoint,
 )
 from matsci_ray.train.data_order import announce, order_seed
@@ -303,9 +303,10 @@ def _restore(
             candidates.append(Path(stack.enter_context(checkpoint.as_directory())))
         if resume is not None:
             candidates.append(Path(resume))
-        chosen = max(candidates, key=checkpoint_epoch)  # the first of equals: Ray's
-        restored = load_training_state(chosen, core, optimizer, scheduler)
-    if rank == 0 and resume is not None and chosen == Path(resume):
+        states = [read_checkpoint(path) for path in candidates]  # each read once
+        latest = max(range(len(states)), key=lambda i: int(states[i]["epoch"]))  # Ray's on a tie
+        restored = load_training_state(states[latest], core, optimizer, scheduler)
+    if rank == 0 and resume is not None and candidates[latest] == Path(resume):
         _carry_history(config, Path(resume), restored[0])
     return restored
 
