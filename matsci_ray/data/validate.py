@@ -267,8 +267,9 @@ def _thomas_fermi_energy(z: np.ndarray) -> float:
     return float(0.7687 * np.sum(np.asarray(z, dtype=np.float64) ** (7 / 3))) * _HARTREE
 
 
-# vesin bins space into cells of about the cutoff: a 0.5 Å search in an OC20 slab with vacuum
-# walks ~10⁵ empty cells (1.7 ms/structure); searching 3 Å and filtering is 20× faster.
+# vesin bins space into cells of about the cutoff: a 0.5 Å search in a slab with vacuum walks
+# a great many empty cells, so searching 3 Å and filtering is much faster
+# (benchmarks/README.md, "Where ingest time goes").
 _SEARCH_CUTOFF = 3.0
 
 
