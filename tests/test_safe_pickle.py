@@ -15,6 +15,7 @@ import torch
 from matsci_ray.data.record import SourceError
 from matsci_ray.data.safe_pickle import (
     CrystalSystem,
+    PygData,
     SafeUnpickler,
     SymmetryData,
     UnsafePickleError,
@@ -158,3 +159,64 @@ def test_every_devset_record_loads(samples: Path) -> None:
             for key, value in txn.cursor():
                 assert isinstance(safe_loads(value, file=str(path), key=key.decode()), dict)
         env.close()
+
+
+def _pyg1_pickle(data: object) -> bytes:
+    """``data`` pickled as PyG 1.x did: the fields as the object's own state, the unset
+    standard attributes ``None``."""
+    import copyreg
+
+    cls = type(data)
+
+    class Pickler(pickle.Pickler):
+        def reducer_override(self, obj: object) -> object:
+            if type(obj) is cls:
+                state = {"x": None, "edge_index": None, "__num_nodes__": None, **obj.to_dict()}
+                return copyreg.__newobj__, (cls,), state  # type: ignore[attr-defined]
+            return NotImplemented
+
+    buffer = __import__("io").BytesIO()
+    Pickler(buffer, protocol=4).dump(data)
+    return buffer.getvalue()
+
+
+def test_pyg_data_reads_as_plain_fields_in_both_layouts() -> None:
+    pyg = pytest.importorskip("torch_geometric.data")
+    data = pyg.Data(pos=torch.zeros(2, 3), natoms=2)
+    data.sid, data.y = 7, -1.5
+    pyg2 = pickle.dumps(data, protocol=-1)
+    pyg1 = _pyg1_pickle(data)
+    assert b"GlobalStorage" in pyg2 and b"GlobalStorage" not in pyg1
+    for blob in (pyg1, pyg2):
+        out = _load(blob)
+        assert isinstance(out, PygData)
+        fields = out.as_dict()
+        assert sorted(fields) == ["natoms", "pos", "sid", "y"]
+        assert torch.equal(fields["pos"], torch.zeros(2, 3)) and fields["y"] == -1.5
+
+
+def test_pyg_admits_only_data_and_its_storage(tmp_path: Path) -> None:
+    pyg = pytest.importorskip("torch_geometric.data")
+    batch = pyg.Batch.from_data_list([pyg.Data(pos=torch.zeros(1, 3))])
+    with pytest.raises(SourceError, match=r"f.lmdb \[record 7\]: unsafe pickle: refused global"):
+        _load(pickle.dumps(batch))
+    marker = tmp_path / "pwned"
+    data = pyg.Data(pos=torch.zeros(1, 3))
+    data.payload = _Shell(os.system, marker)
+    for blob in (pickle.dumps(data), _pyg1_pickle(data)):
+        with pytest.raises(SourceError, match=r"refused global posix\.system"):
+            _load(blob)
+    assert not marker.exists()
+
+
+def test_pyg_stand_ins_run_nothing_they_are_handed() -> None:
+    # The attribute classes PyG pickles by reference cannot be instantiated by a pickle, and a
+    # Data whose _store is not a storage is refused.
+    attr = b"\x80\x04\x8c\x19torch_geometric.data.data\x8c\x0cDataEdgeAttr\x93)\x81."
+    with pytest.raises(SourceError, match="instances of PyG attribute classes refused"):
+        _load(attr)
+    data_with_list_store = (
+        b"\x80\x04\x8c\x19torch_geometric.data.data\x8c\x04Data\x93)\x81}\x8c\x06_store]sb."
+    )
+    with pytest.raises(SourceError, match="PyG Data whose _store is a list"):
+        _load(data_with_list_store)

@@ -13,7 +13,12 @@ devset) and refuses everything else with :class:`UnsafePickleError`:
   latin-1 only (how protocol 2 spells bytes);
 - pymatgen core classes (built from their ``__dict__``; no code of theirs runs but ``__init__``
   on plain data);
-- emmet-core classes, mapped to inert stand-ins so emmet need not be installed.
+- emmet-core classes, mapped to inert stand-ins so emmet need not be installed;
+- ``torch_geometric`` ``Data`` and ``GlobalStorage`` (OC20's LMDB records), mapped to inert
+  stand-ins that keep the fields in either pickle layout (PyG 1.x: the attributes themselves;
+  PyG 2.x: a ``_store``), plus the two attribute classes PyG >= 2.3 pickles by reference. No
+  PyG code runs, and PyG need not be installed; its other classes (``Batch``, ``HeteroData``)
+  are refused.
 """
 
 from __future__ import annotations
@@ -83,6 +88,61 @@ class SymmetryData(EmmetModel):
 
 class CrystalSystem(EmmetEnum):
     """Stand-in for ``emmet.core.symmetry.CrystalSystem`` (value e.g. ``"Cubic"``)."""
+
+
+class _PygFields:
+    """Holds the fields of a pickled PyG object as a plain dict (set by ``__setstate__``)."""
+
+    _fields: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__.get("_fields", {}))  # empty if the pickle never set a state
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({sorted(self.as_dict())})"
+
+
+class PygStorage(_PygFields):
+    """Stand-in for ``torch_geometric.data.storage.GlobalStorage``: keeps its ``_mapping`` (the
+    fields) and drops ``_parent``, the back-reference to the ``Data`` that holds it."""
+
+    def __setstate__(self, state: Any) -> None:
+        mapping = state.get("_mapping") if isinstance(state, dict) else None
+        if not isinstance(mapping, dict):
+            raise UnsafePickleError("PyG GlobalStorage without a _mapping dict")
+        self._fields = {k: v for k, v in mapping.items() if isinstance(k, str)}
+
+
+class PygData(_PygFields):
+    """Inert stand-in for ``torch_geometric.data.data.Data``: :meth:`as_dict` gives its fields.
+
+    PyG 1.x pickles a ``Data``'s attributes as they are, the unset standard ones (``x``,
+    ``edge_index``, ``face``, …) as ``None`` beside a private ``__num_nodes__``; PyG 2.x
+    pickles ``{"_store": GlobalStorage, ...}``. Both read back as the same fields.
+    """
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, dict):
+            raise UnsafePickleError(f"unexpected state for a PyG Data: {type(state).__name__}")
+        store = state.get("_store")
+        if store is None:  # PyG 1.x
+            self._fields = {
+                k: v
+                for k, v in state.items()
+                if isinstance(k, str) and not k.startswith("_") and v is not None
+            }
+        elif isinstance(store, PygStorage):  # PyG 2.x
+            self._fields = store.as_dict()
+        else:
+            raise UnsafePickleError(f"PyG Data whose _store is a {type(store).__name__}")
+
+
+class PygAttrClass:
+    """What PyG's ``DataEdgeAttr``/``DataTensorAttr`` resolve to: PyG >= 2.3 pickles these
+    classes by reference only (``Data._edge_attr_cls``), so an instance is never needed."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> PygAttrClass:
+        raise UnsafePickleError("instances of PyG attribute classes refused")
 
 
 def _check_dtype(dtype: Any) -> np.dtype:
@@ -198,6 +258,10 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("torch.storage", "_load_from_bytes"): _load_from_bytes,
     ("emmet.core.symmetry", "SymmetryData"): SymmetryData,
     ("emmet.core.symmetry", "CrystalSystem"): CrystalSystem,
+    ("torch_geometric.data.data", "Data"): PygData,
+    ("torch_geometric.data.storage", "GlobalStorage"): PygStorage,
+    ("torch_geometric.data.data", "DataEdgeAttr"): PygAttrClass,
+    ("torch_geometric.data.data", "DataTensorAttr"): PygAttrClass,
 }
 for _module in ("numpy.core", "numpy._core"):
     _ALLOWED[(f"{_module}.numeric", "_frombuffer")] = _frombuffer

@@ -1,4 +1,5 @@
-"""Shared helpers for the MatSciML LMDB devsets (one pickled dict per key ``b"0"``, ``b"1"``, …).
+"""Shared helpers for LMDB sources: one pickled record per key ``b"0"``, ``b"1"``, … (the
+MatSciML devsets' dicts, OC20's ``torch_geometric`` ``Data``).
 
 Records are addressed by their index in the *numerically* sorted key order (LMDB itself sorts
 keys bytewise: ``b"0", b"1", b"10", …``), so a :class:`WorkUnit` over ``[start, stop)`` means
@@ -143,12 +144,14 @@ def plan_lmdb(
     ]
 
 
-def iter_lmdb(unit: WorkUnit) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield ``(key, record dict)`` for the records ``[start, stop)`` of ``unit``.
+def iter_lmdb_values(unit: WorkUnit, stride: int = 1) -> Iterator[tuple[str, Any]]:
+    """Yield ``(key, unpickled value)`` for every ``stride``-th record of ``[start, stop)``.
 
     Values are unpickled with :func:`safe_loads`; a refused or corrupt pickle raises
-    :class:`SourceError` naming the file and key, as does a value that is not a dict.
+    :class:`SourceError` naming the file and key. A ``stride`` above 1 samples a file evenly.
     """
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
     file = unit.file
     with open_lmdb(file) as env, env.begin(buffers=False) as txn:
         try:
@@ -165,15 +168,21 @@ def iter_lmdb(unit: WorkUnit) -> Iterator[tuple[str, dict[str, Any]]]:
                     stop = index.count if unit.stop is None else min(unit.stop, index.count)
                     continue
                 key_str = key.decode()
-                record = safe_loads(value, file=file, key=key_str)
-                if not isinstance(record, dict):
-                    raise SourceError(
-                        file, f"record is a {type(record).__name__}, not a dict", key_str
-                    )
-                yield key_str, record
-                i += 1
+                yield key_str, safe_loads(value, file=file, key=key_str)
+                i += stride
         except lmdb.Error as exc:
             raise SourceError(file, f"corrupt LMDB ({_first_line(exc)})") from None
+
+
+def iter_lmdb(unit: WorkUnit) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield ``(key, record dict)`` for the records ``[start, stop)`` of ``unit``.
+
+    As :func:`iter_lmdb_values`, and a value that is not a dict raises :class:`SourceError`.
+    """
+    for key, record in iter_lmdb_values(unit):
+        if not isinstance(record, dict):
+            raise SourceError(unit.file, f"record is a {type(record).__name__}, not a dict", key)
+        yield key, record
 
 
 # --- coordinate conventions (OQMD and Carolina store fractional coordinates as "cart_coords") --

@@ -1,11 +1,15 @@
 """Open Catalyst 2020: S2EF (one record per DFT frame) and IS2RE (one per relaxation).
 
-Inputs are OC20 relaxation trajectories (ASE ``.traj``, system id = file stem) or, for S2EF,
-the released ``N.extxyz(.xz)`` frame files with their ``N.txt(.xz)`` sidecar, whose line ``i``
+Inputs are OC20 relaxation trajectories (ASE ``.traj``, system id = file stem), for S2EF the
+released ``N.extxyz(.xz)`` frame files with their ``N.txt(.xz)`` sidecar, whose line ``i``
 is ``system_id,frame_number,reference_energy`` for frame ``i`` (e.g. ``random1000100,frame12,
--0.53``). Energies are the raw DFT total energies in eV: the sidecar's reference energy (the
-clean slab plus gas-phase references that turn a total energy into an adsorption energy) is
-**not** subtracted, so ``energy`` means the same whichever input format it came from.
+-0.53``), and for both the ``*.lmdb`` files of OCP/fairchem (the IS2RE/IS2RS release, S2EF
+LMDBs; :mod:`matsci_ray.data.readers.oc20_lmdb`), the format chosen by each file's suffix.
+Energies from trajectories and extxyz are the raw DFT total energies in eV: the sidecar's
+reference energy (the clean slab plus gas-phase references that turn a total energy into an
+adsorption energy) is **not** subtracted. LMDB energies are stored as the LMDB holds them, which
+for the IS2RE/IS2RS release means adsorption energies; an ingest whose inputs hold both kinds is
+refused, so ``energy`` and ``relaxed_energy`` mean one thing within a data set.
 
 Quirks of the OC20 trajectories (see the readers' tests):
 - forces are the raw DFT forces; ``atoms.get_forces()`` would zero those on fixed atoms;
@@ -39,6 +43,18 @@ from matsci_ray.data.readers.ase_frames import (
     tags_or_none,
 )
 from matsci_ray.data.readers.base import SourceReader
+from matsci_ray.data.readers.lmdb_source import plan_lmdb
+from matsci_ray.data.readers.oc20_lmdb import (
+    IS2RE_ENERGY_FIELDS,
+    LMDB_SUFFIX,
+    S2EF_ENERGY_FIELDS,
+    RecordBuilder,
+    check_one_energy_reference,
+    is2re_record,
+    is_lmdb,
+    read_oc20_lmdb,
+    s2ef_record,
+)
 from matsci_ray.data.record import Record, Reject, SourceError, WorkUnit
 
 _CELL_ATOL = 1e-6  # Å; OC20 relaxations keep the cell fixed, to the digits stored
@@ -109,26 +125,55 @@ def frame_targets(atoms: Atoms) -> tuple[dict[str, Any], dict[str, Any]]:
     return structure_fields(atoms), targets
 
 
-class S2EFReader(SourceReader):
+class _OC20Reader(SourceReader):
+    """What the two OC20 readers share: LMDB inputs beside the ASE-readable ones."""
+
+    lmdb_energy_fields: ClassVar[tuple[str, ...]]
+    lmdb_record: ClassVar[RecordBuilder]
+
+    def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+        self.chunk_size = chunk_size
+
+    def inputs(self, paths: list[Path]) -> list[tuple[Path, str]]:
+        named = super().inputs(paths)
+        check_one_energy_reference([file for file, _ in named], self.lmdb_energy_fields)
+        return named
+
+    def plan_lmdb(self, file: Path) -> list[WorkUnit]:
+        return plan_lmdb(self.name, file, self.chunk_size)
+
+    def read_lmdb(self, unit: WorkUnit) -> Iterator[Record | Reject]:
+        return read_oc20_lmdb(unit, self.dataset, type(self).lmdb_record)
+
+
+class S2EFReader(_OC20Reader):
     """One record per frame: energy (eV), forces (eV/Å), fixed mask, tags where stored.
 
     ``group`` is the system id (all frames of one relaxation stay in one split). From a
     ``.traj`` the system is the file stem and ``sample_id`` ``"<input id>:<frame index>"``
     (the input id is the stem when the file lies directly in the directory given, else its
     relative path, so ``a/random1.traj`` and ``b/random1.traj`` stay apart). From an extxyz
-    with a sidecar, ``sample_id`` is the sidecar's ``"<system>:<frame>"``; without one, as
-    for a ``.traj`` (so a file's frames are grouped together).
+    with a sidecar, ``sample_id`` is the sidecar's ``"<system>:<frame>"``, and from an LMDB
+    ``"random<sid>:<fid>"``, the same; an extxyz without a sidecar is read as a ``.traj``
+    (so a file's frames are grouped together).
     """
 
     name: ClassVar[str] = "oc20-s2ef"
     dataset: ClassVar[str] = "oc20-s2ef"
-    suffixes: ClassVar[tuple[str, ...]] = (".traj", ".extxyz", ".extxyz.xz", ".extxyz.gz")
+    suffixes: ClassVar[tuple[str, ...]] = (
+        ".traj",
+        ".extxyz",
+        ".extxyz.xz",
+        ".extxyz.gz",
+        LMDB_SUFFIX,
+    )
     targets: ClassVar[tuple[str, ...]] = (keys.ENERGY, keys.FORCES, keys.TAGS, keys.FIXED)
-
-    def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
-        self.chunk_size = chunk_size
+    lmdb_energy_fields: ClassVar[tuple[str, ...]] = S2EF_ENERGY_FIELDS
+    lmdb_record: ClassVar[RecordBuilder] = s2ef_record
 
     def plan(self, file: Path) -> list[WorkUnit]:
+        if is_lmdb(file):
+            return self.plan_lmdb(file)
         units = plan_frames(self.name, file, self.chunk_size)
         sidecar = find_sidecar(file)
         if sidecar is not None and units:
@@ -139,6 +184,9 @@ class S2EFReader(SourceReader):
         return units
 
     def read(self, unit: WorkUnit) -> Iterator[Record | Reject]:
+        if is_lmdb(unit.file):
+            yield from self.read_lmdb(unit)
+            return
         file = unit.file
         sidecar = find_sidecar(file)
         labels = _sidecar_lines(sidecar, unit.start) if sidecar is not None else None
@@ -172,30 +220,37 @@ class S2EFReader(SourceReader):
             )
 
 
-class IS2REReader(SourceReader):
-    """One record per relaxation trajectory: the initial structure and the relaxed result.
+class IS2REReader(_OC20Reader):
+    """One record per relaxation: the initial structure and the relaxed result.
 
-    Positions/cell are frame 0's; ``relaxed_energy`` (eV) and ``relaxed_positions`` (Å) the
-    last frame's; ``fixed`` and ``tags`` (where stored) frame 0's. The trajectory is streamed
-    once, holding only its first and latest frame, and rejected if the atoms or the cell
-    change along it or a frame's forces do not have shape (n, 3). ``chunk_size`` is accepted
-    for a uniform CLI and ignored: a trajectory is one record.
+    From a trajectory, positions/cell are frame 0's; ``relaxed_energy`` (eV) and
+    ``relaxed_positions`` (Å) the last frame's; ``fixed`` and ``tags`` (where stored) frame
+    0's. The trajectory is streamed once, holding only its first and latest frame, and
+    rejected if the atoms or the cell change along it or a frame's forces do not have shape
+    (n, 3). From an LMDB, one record per system (``sample_id`` and ``group`` ``random<sid>``,
+    as a trajectory's file stem). ``chunk_size`` (records per work unit) applies to LMDBs: a
+    trajectory is one record.
     """
 
     name: ClassVar[str] = "oc20-is2re"
     dataset: ClassVar[str] = "oc20-is2re"
-    suffixes: ClassVar[tuple[str, ...]] = (".traj",)
+    suffixes: ClassVar[tuple[str, ...]] = (".traj", LMDB_SUFFIX)
     targets: ClassVar[tuple[str, ...]] = (
         keys.RELAXED_ENERGY,
         keys.RELAXED_POSITIONS,
         keys.TAGS,
         keys.FIXED,
     )
+    lmdb_energy_fields: ClassVar[tuple[str, ...]] = IS2RE_ENERGY_FIELDS
+    lmdb_record: ClassVar[RecordBuilder] = is2re_record
 
-    def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
-        self.chunk_size = chunk_size
+    def plan(self, file: Path) -> list[WorkUnit]:
+        return self.plan_lmdb(file) if is_lmdb(file) else super().plan(file)
 
     def read(self, unit: WorkUnit) -> Iterator[Record | Reject]:
+        if is_lmdb(unit.file):
+            yield from self.read_lmdb(unit)
+            return
         file = unit.file
         system = base_stem(file)
         first: Atoms | None = None
