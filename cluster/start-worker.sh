@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
 # Join a bare machine to the Ray head started by cluster/start-head.sh (cluster/README.md).
-# Arguments after HEAD are passed on to `ray start`.
+# Arguments after HEAD are passed on to `ray start`. Needs the head's auth token (see --help).
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {
     cat <<'USAGE'
 usage: cluster/start-worker.sh HEAD[:PORT] [RAY_START_ARGS...]
 
-Joins this machine to the Ray cluster whose head is HEAD (GCS port 6379 unless given).
+Joins this machine to the Ray cluster whose head is HEAD (GCS port 6379 unless given), with
+the token the head wrote: copy the head's ~/.ray/auth_token here first (mode 0600).
 
 environment:
+  RAY_AUTH_TOKEN_PATH        the token file (default ~/.ray/auth_token)
+  RAY_AUTH_TOKEN             the token itself, instead of a file
+  MATSCI_RAY_AUTH            'token' (default) or 'off', as the head was started
+  MATSCI_RAY_METRICS_PORT    Prometheus metrics port (default 8080)
+  MATSCI_RAY_AGENT_PORT      dashboard agent HTTP port (default 52365)
   MATSCI_RAY_NUM_CPUS        CPUs to offer (default: Ray detects them)
   MATSCI_RAY_NUM_GPUS        GPUs to offer (default: Ray detects them)
   RAY_num_workers_soft_limit idle workers kept alive (default: 4 x CPUs, at least 16)
@@ -26,14 +34,10 @@ head="$1"
 shift
 [[ "$head" == *:* ]] || head="${head}:6379"
 
-# Keep idle workers alive (see cluster/Dockerfile): a fresh one re-imports torch each epoch.
-cpus="${MATSCI_RAY_NUM_CPUS:-$(nproc)}"
-limit=$((4 * cpus))
-export RAY_num_workers_soft_limit="${RAY_num_workers_soft_limit:-$((limit > 16 ? limit : 16))}"
+setup_auth worker
+keep_workers_alive
+args=(--address "$head")
+add_common_flags
 
-args=(--address "$head" --metrics-export-port 8080)
-if [[ -n "${MATSCI_RAY_NUM_CPUS:-}" ]]; then args+=(--num-cpus "$MATSCI_RAY_NUM_CPUS"); fi
-if [[ -n "${MATSCI_RAY_NUM_GPUS:-}" ]]; then args+=(--num-gpus "$MATSCI_RAY_NUM_GPUS"); fi
-
-ulimit -n 65536 2>/dev/null || true  # Ray opens many sockets; best effort without root
+ulimit -n 65536 2>/dev/null || true # Ray opens many sockets; best effort without root
 exec ray start "${args[@]}" "$@"
