@@ -25,7 +25,6 @@ from matsci_ray.errors import StructureError
 from matsci_ray.graphs.batching import RadiusGraphTransform, rows_to_pyg_batch
 from matsci_ray.models.blocks import AtomEmbedding
 from matsci_ray.potential import MatSciModel
-from matsci_ray.tasks.heads import ClassHead
 from matsci_ray.tasks.registry import TaskSpec
 from matsci_ray.train.checkpoint import load_model
 
@@ -116,10 +115,9 @@ class Predictor:
         for name, out in preds.items():
             head = self.model.head(name)
             value = out["value"].detach().cpu()
-            if isinstance(head, ClassHead):
-                value = head.predict_class(value)
-                if head.task.kind == "multiclass":  # labels are numbered from the target's low
-                    value = value + int(K.TARGETS[head.task.target].low or 0)
+            value = head.predict(value)
+            if head.task.kind == "multiclass":  # labels are numbered from the target's low
+                value = value + int(K.TARGETS[head.task.target].low or 0)
             for k, result in enumerate(results):
                 result[name] = value[k].item()
                 if "forces" in out:

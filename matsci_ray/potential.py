@@ -6,17 +6,20 @@ Forces are always the negative gradient of a head's energy with respect to posit
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from matsci_ray.keys import FIXED
+from matsci_ray.models import build_encoder
 from matsci_ray.models.base import Encoder
-from matsci_ray.tasks.heads import Head, build_head, target_mask
-from matsci_ray.tasks.registry import TaskSpec
+from matsci_ray.tasks.heads import Head, TaskPredictions, build_head, target_mask
+from matsci_ray.tasks.registry import TASKS, TaskSpec
 
-Predictions = dict[str, dict[str, Tensor]]
+if TYPE_CHECKING:
+    from matsci_ray.config import ExperimentConfig
+
+Predictions = dict[str, TaskPredictions]  # per task
 
 
 class MatSciModel(nn.Module):
@@ -32,6 +35,12 @@ class MatSciModel(nn.Module):
             {t.name: build_head(t, encoder.node_dim, encoder.graph_dim, head_hidden) for t in tasks}
         )
 
+    @classmethod
+    def from_config(cls, config: ExperimentConfig) -> MatSciModel:
+        """The untrained model of an experiment: its encoder and one head per task."""
+        encoder = build_encoder(config.model.name, config.data.cutoff, config.model.params)
+        return cls(encoder, [TASKS[t] for t in config.tasks], config.model.head_hidden)
+
     @property
     def needs_forces(self) -> bool:
         return any(t.kind == "forces" for t in self.tasks.values())
@@ -41,23 +50,15 @@ class MatSciModel(nn.Module):
         for name, head in self.heads.items():
             head.fit_normalisation(summaries[self.tasks[name].dataset])
 
-    def mask(self, batch: Any, name: str, target: str) -> Tensor:
-        """Structures a task scores: they carry ``target`` and come from the task's data set
-        (``batch.dataset_index``, set by training collation; absent at inference)."""
-        mask = target_mask(batch, target, batch.num_graphs)
+    def mask(self, batch: Any, name: str) -> Tensor:
+        """Structures task ``name`` scores: they carry its ``value_target`` and come from its
+        data set (``batch.dataset_index``, set by training collation; absent at inference)."""
+        task = self.tasks[name]
+        mask = target_mask(batch, task.value_target, batch.num_graphs)
         index = getattr(batch, "dataset_index", None)
         if index is not None and len(self.datasets) > 1:
-            mask = mask & (index == self.datasets.index(self.tasks[name].dataset))
+            mask = mask & (index == self.datasets.index(task.dataset))
         return mask
-
-    def force_atoms(self, batch: Any, name: str, graph_mask: Tensor) -> Tensor:
-        """Atoms whose forces a force task learns and scores: those of the structures in
-        ``graph_mask``, less atoms held fixed where the task follows OC20's free-atom rule."""
-        atoms = graph_mask[batch.batch]
-        fixed = getattr(batch, FIXED, None)
-        if self.tasks[name].free_atoms_only and fixed is not None:
-            atoms = atoms & ~fixed
-        return atoms
 
     def head(self, name: str) -> Head:
         return self.heads[name]  # type: ignore[return-value]

@@ -30,7 +30,7 @@ def tiny_model(name: str, root: Path, tasks: list[str]) -> tuple:
 
     from matsci_ray.config import ExperimentConfig
     from matsci_ray.data.manifest import read_manifest
-    from matsci_ray.train.checkpoint import build_model
+    from matsci_ray.potential import MatSciModel
 
     config = ExperimentConfig.model_validate(
         {
@@ -41,6 +41,6 @@ def tiny_model(name: str, root: Path, tasks: list[str]) -> tuple:
         }
     )
     torch.manual_seed(0)
-    model = build_model(config)
+    model = MatSciModel.from_config(config)
     model.fit_normalisation({d: read_manifest(root, d)["splits"]["train"] for d in config.datasets})
     return model, config

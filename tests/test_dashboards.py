@@ -15,8 +15,7 @@ import pytest
 import yaml
 
 from matsci_ray.config import ExperimentConfig
-from matsci_ray.report import primary_key
-from matsci_ray.tasks.registry import TASKS
+from matsci_ray.tasks.registry import TASKS, metric_key
 from matsci_ray.train.metrics import MetricSums
 from matsci_ray.train.telemetry import EXPORTED_METRICS, Telemetry
 
@@ -105,7 +104,7 @@ def _logged_keys() -> list[str]:
     sums = MetricSums(None, distributed=False)  # type: ignore[arg-type]
     for task in TASKS:
         sums.add_loss(task, 1.0, 1)
-    keys = list(sums.compute("train/")) + [primary_key(t) for t in TASKS]
+    keys = list(sums.compute("train/")) + [metric_key(t) for t in TASKS]
     keys += [f"val/{t}/energy_mse" for t, s in TASKS.items() if s.kind == "forces"]
     keys += [f"train/{t}/{TASKS[t].metric}" for t in TASKS]  # training metrics: no panel
     return [*keys, "time/train_s", "time/val_s", "time/report_s", "lr", "best_score"]
@@ -202,11 +201,11 @@ def test_metric_panels_select_the_logged_keys(
         "Validation error per task": {
             k
             for t in picked
-            for k in (primary_key(t), f"val/{t}/energy_mse")
+            for k in (metric_key(t), f"val/{t}/energy_mse")
             if TASKS[t].metric != "accuracy" and k in names
         },
         "Validation accuracy per task": {
-            primary_key(t) for t in picked if TASKS[t].metric == "accuracy"
+            metric_key(t) for t in picked if TASKS[t].metric == "accuracy"
         },
         "Epoch wall time": {"time/train_s", "time/val_s", "time/report_s"},
     }

@@ -69,9 +69,9 @@ def test_l2mae_force_loss_bounds_each_atoms_pull() -> None:
     """OCP's L2MAE is the mean norm of per-atom force errors: one atom 90 eV/Å off pulls on the
     step no harder than one 0.1 eV/Å off, where the squared error lets it dominate; and its
     double backward stays finite where the error is exactly zero."""
-    from matsci_ray.tasks.heads import EnergyHead
+    from matsci_ray.tasks.heads import ForceHead
 
-    head = EnergyHead(TASKS["s2ef-forces"], node_dim=4, hidden=4)
+    head = ForceHead(TASKS["s2ef-forces"], node_dim=4, hidden=4)
     head.force_scale.fill_(0.5)
     target = torch.zeros(4, 3)
     target[0] = torch.tensor([90.0, 0.0, 0.0])

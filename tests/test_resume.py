@@ -193,7 +193,8 @@ def test_cli_bad_resume_is_one_line(
     exit 2 and one line naming the checkpoint (and the field), before any Ray work."""
     import torch
 
-    from matsci_ray.train.checkpoint import build_model, save_checkpoint
+    from matsci_ray.potential import MatSciModel
+    from matsci_ray.train.checkpoint import save_checkpoint
 
     storage = tmp_path / "runs"
     raw = _raw(data_root, storage, "bad")
@@ -201,7 +202,7 @@ def test_cli_bad_resume_is_one_line(
     saved = tmp_path / "saved"
     saved.mkdir()
     torch.manual_seed(0)
-    save_checkpoint(saved, build_model(_config(raw)), _config(raw), epoch=3)
+    save_checkpoint(saved, MatSciModel.from_config(_config(raw)), _config(raw), epoch=3)
     wider = {**raw, "model": {**raw["model"], "params": {**TINY_EGNN, "hidden_dim": 32}}}
 
     cases = [

@@ -17,8 +17,8 @@ import yaml
 
 from matsci_ray.config import ExperimentConfig, OptimConfig, load_config
 from matsci_ray.errors import ConfigError
+from matsci_ray.potential import MatSciModel
 from matsci_ray.train.checkpoint import (
-    build_model,
     checkpoint_epoch,
     load_training_state,
     read_checkpoint,
@@ -143,7 +143,7 @@ def _config(root: Path, name: str = "sched", **optim: object) -> ExperimentConfi
 
 def _resumed(directory: Path, config: ExperimentConfig, spe: int) -> tuple:
     """A fresh model, optimiser and schedule loaded from ``directory``, as a worker does."""
-    model = build_model(config)
+    model = MatSciModel.from_config(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr)
     schedule = Schedule(optimizer, config.optim, spe, higher_is_better=False)
     load_training_state(read_checkpoint(directory), model, optimizer, schedule)
@@ -161,7 +161,7 @@ def test_schedule_continues_through_a_checkpoint(tmp_path: Path, optim: dict) ->
     """Saved mid-run (``save_checkpoint``, loaded back as plain data), the schedule goes on
     exactly as an uninterrupted one: step count, cosine position, plateau's best and cut lr."""
     config = _config(tmp_path, **optim)
-    model = build_model(config)
+    model = MatSciModel.from_config(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     schedule = Schedule(optimizer, config.optim, 5, higher_is_better=False)
     first = _epochs(optimizer, schedule, [1.0, 0.8, 0.9])  # a cut at epoch 3 (plateau)
@@ -177,7 +177,7 @@ def test_checkpoint_of_the_old_lambda_continues(tmp_path: Path) -> None:
     """A checkpoint written with the old ``LambdaLR`` (its step count in ``last_epoch``)
     continues the same cosine at the same step."""
     config = _config(tmp_path, scheduler="cosine", warmup_steps=3)
-    model = build_model(config)
+    model = MatSciModel.from_config(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     factor = _old_factor(config.optim, 5)
     old = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -96,7 +96,7 @@ def test_energies_per_atom_fit_references_on_composition_fractions() -> None:
     expect = [np.mean([fit["per_element"][str(int(a))] for a in z]) for z in (small, big)]
     assert torch.allclose(pred, torch.tensor(expect, dtype=pred.dtype), atol=1e-5)
     target = pred.detach() + head.scale
-    loss = head.loss(pred, target, torch.tensor([2, 25]))
+    loss = head.energy_loss(pred, target, torch.tensor([2, 25]))
     assert torch.isclose(loss, torch.tensor(1.0), atol=1e-3)  # not 1/2² and 1/25²
 
 

@@ -83,12 +83,12 @@ def best_checkpoint_line(result: Any, config: ExperimentConfig) -> str | None:
     """``best checkpoint: PATH (epoch N, KEY VALUE)``: the checkpoint Ray kept for the best
     primary validation metric (``result.best_checkpoints``, best last), beside the latest
     (``result.checkpoint``), which a resume continues from."""
-    from matsci_ray.train.loop import primary_metric
+    from matsci_ray.tasks.registry import primary_metric
 
     if not result.best_checkpoints:
         return None
     checkpoint, metrics = result.best_checkpoints[-1]
-    key, _ = primary_metric(config)
+    key, _ = primary_metric(config.tasks)
     score = metrics.get(key)
     detail = f"epoch {metrics.get('epoch')}"
     if score is not None:

@@ -21,8 +21,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from matsci_ray.config import ExperimentConfig, StudyConfig, dump_config
-from matsci_ray.tasks.registry import TASKS
-from matsci_ray.train.loop import primary_metric
+from matsci_ray.tasks.registry import TASKS, primary_metric
 
 # Multi-data pairs of the MatSciML paper, and each data set's energy task.
 DATASET_PAIRS = [
@@ -129,7 +128,7 @@ def build_tuner(study: StudyConfig) -> tune.Tuner:
         return tune.Tuner.restore(
             str(path), trainable, resume_unfinished=True, restart_errored=True
         )
-    metric, higher = primary_metric(study.base)
+    metric, higher = primary_metric(study.base.tasks)
     tune_config = tune.TuneConfig(max_concurrent_trials=study.max_concurrent_trials)
     if study.family == "sweep":
         from ray.tune.schedulers import ASHAScheduler

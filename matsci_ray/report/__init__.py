@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from matsci_ray.tasks.registry import TASKS
+from matsci_ray.tasks.registry import TASKS, metric_key
 from matsci_ray.train.telemetry import HISTORY, read_history
 
 TRIALS_FILE = "trials.jsonl"
@@ -53,7 +53,7 @@ class Trial:
 
     def value(self, task: str) -> float | None:
         """The task's primary validation metric as reported, or None if not reported."""
-        got = self.metrics.get(primary_key(task))
+        got = self.metrics.get(metric_key(task))
         return float(got) if isinstance(got, int | float) and not isinstance(got, bool) else None
 
     @property
@@ -62,10 +62,6 @@ class Trial:
         if self.combine in (None, "additive"):
             return self.model
         return f"{self.model} ({self.combine})"
-
-
-def primary_key(task: str) -> str:
-    return f"val/{TASKS[task].metric_name}"
 
 
 def latest_checkpoint(run_dir: Path | None) -> Path | None:

@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from matsci_ray import keys as K
-from matsci_ray.report import Trial, latest_checkpoint, primary_key
+from matsci_ray.report import Trial, latest_checkpoint
 from matsci_ray.report.tables import Table, build_tables, left_out
-from matsci_ray.tasks.registry import TASKS
+from matsci_ray.tasks.registry import TASKS, metric_key
 from matsci_ray.train.telemetry import read_history
 
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ def learning_curves(trial: Trial) -> str:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     for ax, task in zip(axes[1:], trial.tasks, strict=True):
         spec = TASKS[task]
-        ax.plot(epochs, [row.get(primary_key(task), np.nan) for row in history], marker=".")
+        ax.plot(epochs, [row.get(metric_key(task), np.nan) for row in history], marker=".")
         ax.set(title=f"val {task}", xlabel="epoch", ylabel=f"{spec.metric} {spec.unit}".strip())
     return _figure(
         fig,
@@ -120,13 +120,12 @@ def predict_validation(
     import torch
 
     from matsci_ray.graphs.batching import rows_to_pyg_batch
-    from matsci_ray.tasks.heads import ClassHead
     from matsci_ray.train.checkpoint import load_model
 
     model, config, _ = load_model(checkpoint)
     if data_root is not None:
         config.data.root = Path(data_root).resolve()
-    target = {n: K.ENERGY if t.kind == "forces" else t.target for n, t in model.tasks.items()}
+    target = {n: t.value_target for n, t in model.tasks.items()}
     found: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {n: ([], []) for n in target}
     for dataset in model.datasets:  # one pass per data set scores all of its tasks
         names = [n for n, t in model.tasks.items() if t.dataset == dataset]
@@ -137,8 +136,7 @@ def predict_validation(
                 preds = model(batch, forces=False)  # energies only: no autograd needed
             for name in names:
                 value, head = preds[name]["value"], model.head(name)
-                if isinstance(head, ClassHead):
-                    value = head.predict_class(value)
+                value = head.predict(value)
                 mask = batch[f"{target[name]}_mask"]
                 found[name][0].append(value[mask].numpy())
                 found[name][1].append(batch[target[name]][mask].numpy())
@@ -147,7 +145,7 @@ def predict_validation(
 
 def parity_plot(trial: Trial, task: str, pred: np.ndarray, true: np.ndarray) -> str:
     spec = TASKS[task]
-    target = K.ENERGY if spec.kind == "forces" else spec.target
+    target = spec.value_target
     unit = K.TARGETS[target].unit
     fig = _new_figure(3.4, 3.2)
     ax = fig.subplots()

@@ -6,6 +6,7 @@ scored. Targets are typed here once, never guessed per sample.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -49,6 +50,12 @@ class TaskSpec:
         if self.kind != "forces":
             return [self.target]
         return [K.ENERGY, K.FORCES] + ([K.FIXED] if self.free_atoms_only else [])
+
+    @property
+    def value_target(self) -> str:
+        """The per-structure column the task's ``value`` prediction is compared with, and
+        whose presence selects the structures it scores: the energy for force tasks."""
+        return K.ENERGY if self.kind == "forces" else self.target
 
     @property
     def readout(self) -> Readout:
@@ -178,6 +185,17 @@ TASKS: dict[str, TaskSpec] = {
         ),
     )
 }
+
+
+def metric_key(task: str) -> str:
+    """Where ``task``'s validation metric is reported (history, reports, dashboards)."""
+    return f"val/{TASKS[task].metric_name}"
+
+
+def primary_metric(tasks: Sequence[str]) -> tuple[str, bool]:
+    """``(metric key, higher is better)`` of a run's first task: the one score that early
+    stopping, plateau cuts, the best checkpoint and studies follow."""
+    return metric_key(tasks[0]), TASKS[tasks[0]].higher_is_better
 
 
 def get_task(name: str) -> TaskSpec:

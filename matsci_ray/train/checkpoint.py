@@ -17,9 +17,7 @@ from matsci_ray import __version__
 from matsci_ray.config import ExperimentConfig, dump_config
 from matsci_ray.data.schema import SCHEMA_VERSION
 from matsci_ray.errors import CheckpointError, ConfigError
-from matsci_ray.models import build_encoder
 from matsci_ray.potential import MatSciModel
-from matsci_ray.tasks.registry import TASKS
 
 FORMAT_VERSION = 2  # 2: formation energy read out from atoms (EnergyHead)
 FILENAME = "checkpoint.pt"
@@ -40,11 +38,6 @@ RESUME_UNREMARKABLE = (
 )
 
 logger = logging.getLogger(__name__)
-
-
-def build_model(config: ExperimentConfig) -> MatSciModel:
-    encoder = build_encoder(config.model.name, config.data.cutoff, config.model.params)
-    return MatSciModel(encoder, [TASKS[t] for t in config.tasks], config.model.head_hidden)
 
 
 def save_checkpoint(
@@ -112,7 +105,7 @@ def load_model(path: Path | str) -> tuple[MatSciModel, ExperimentConfig, dict[st
     """Model (eval mode), its config and the metrics recorded with it."""
     state = read_checkpoint(Path(path))
     config = ExperimentConfig.model_validate(json.loads(state["config"]))
-    model = build_model(config)
+    model = MatSciModel.from_config(config)
     model.load_state_dict(state["model"])
     model.eval()
     return model, config, json.loads(state["metrics"])

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
-
-import torch
 
 from matsci_ray.tasks.registry import TASKS
 from matsci_ray.train.checkpoint import load_model
-from matsci_ray.train.loop import batch_targets, collate
-from matsci_ray.train.metrics import MetricSums
+from matsci_ray.train.metrics import score
 from matsci_ray.train.trainer import graph_dataset
 
 
@@ -20,16 +18,13 @@ def evaluate_checkpoint(
     model, config, _ = load_model(checkpoint)
     if data_root is not None:
         config.data.root = Path(data_root).resolve()
-    targets = batch_targets(model)
-    sums = MetricSums(model)
-    for dataset in config.datasets:
-        ds = graph_dataset(config, dataset, split)
-        for rows in ds.iter_batches(batch_size=config.data.batch_size, batch_format="numpy"):
-            batch = collate(rows, targets, model.datasets)
-            with torch.set_grad_enabled(model.needs_forces):
-                preds = model(batch)
-            sums.update(preds, batch)
-    return sums.compute()
+    rows = itertools.chain.from_iterable(
+        graph_dataset(config, dataset, split).iter_batches(
+            batch_size=config.data.batch_size, batch_format="numpy"
+        )
+        for dataset in config.datasets
+    )
+    return score(model, rows)
 
 
 def metric_table(metrics: dict[str, float], split: str) -> str:

@@ -1,10 +1,11 @@
 """The per-worker training loop run by Ray Train's ``TorchTrainer`` (DDP: gloo on CPU, NCCL on GPU).
 
-Each epoch: stream this worker's shard of the graph dataset, step the optimiser, evaluate on
-this worker's validation shard (metrics all-reduced), write TensorBoard events and report
-metrics with a checkpoint. Restarts (``FailureConfig``) and ``--resume`` start from the last
-checkpoint's epoch with optimiser and scheduler state, and each epoch reads its data in the
-order an uninterrupted run gives it (:mod:`matsci_ray.train.data_order`).
+Each epoch (:func:`run_epoch`): stream this worker's shard of the graph dataset, step the
+optimiser, score the validation sets (:func:`validate`), then write TensorBoard events and
+report metrics with a checkpoint (:func:`report`). Restarts (``FailureConfig``) and
+``--resume`` start from the last checkpoint's epoch with optimiser and scheduler state, and
+each epoch reads its data in the order an uninterrupted run gives it
+(:mod:`matsci_ray.train.data_order`).
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -29,26 +30,229 @@ from torch import nn
 
 from matsci_ray.config import ExperimentConfig
 from matsci_ray.data.mixing import MixedBatches, epoch_batches, mixture_weights
-from matsci_ray.graphs.batching import rows_to_pyg_batch
+from matsci_ray.graphs.collate import batch_targets, collate
 from matsci_ray.potential import MatSciModel
-from matsci_ray.train.checkpoint import (
-    build_model,
-    load_training_state,
-    read_checkpoint,
-    save_checkpoint,
-)
+from matsci_ray.tasks.registry import primary_metric
+from matsci_ray.train.checkpoint import load_training_state, read_checkpoint, save_checkpoint
 from matsci_ray.train.data_order import announce, order_seed
-from matsci_ray.train.metrics import MetricSums, task_losses
+from matsci_ray.train.metrics import MetricSums, score, task_losses
 from matsci_ray.train.pcgrad import pcgrad_backward
 from matsci_ray.train.schedule import Schedule
 from matsci_ray.train.telemetry import HISTORY, Telemetry
 
 
-def batch_targets(model: MatSciModel) -> list[str]:
-    names: list[str] = []
-    for task in model.tasks.values():
-        names += task.columns
-    return list(dict.fromkeys(names))
+@dataclass
+class TrainState:
+    """What one worker carries from epoch to epoch; a checkpoint holds all of it but the
+    placement (rank, world, device) and the last report's duration."""
+
+    config: ExperimentConfig
+    core: MatSciModel  # the model itself: what is checkpointed and validated
+    model: nn.Module  # what trains: ``core`` wrapped for DDP (or not, under PCGrad)
+    optimizer: torch.optim.Optimizer
+    scheduler: Schedule  # its step count is the optimiser's, on every rank
+    rank: int
+    world: int
+    device: torch.device
+    epoch: int = 0  # epochs trained
+    best: float | None = None  # the best primary metric so far
+    stale: int = 0  # epochs since it improved
+    report_s: float = 0.0  # how long the last epoch's checkpoint and report took
+
+
+@dataclass
+class EpochData:
+    """Per data set: this worker's training shard, the whole validation set, and the
+    training records behind the mixing weights."""
+
+    train: dict[str, Any]
+    val: dict[str, Any]
+    sizes: dict[str, int]
+    order_file: str | None  # where rank 0 announces each training pass
+
+    @classmethod
+    def from_loop_config(cls, datasets: list[str], loop_config: dict[str, Any]) -> EpochData:
+        return cls(
+            train={d: ray.train.get_dataset_shard(f"train:{d}") for d in datasets},
+            val={d: ray.train.get_dataset_shard(f"val:{d}") for d in datasets},
+            sizes={d: loop_config["summaries"][d]["records"] for d in datasets},
+            order_file=loop_config.get("order_file"),
+        )
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Epochs from the resumed one (or the first) to ``optim.epochs``, or until out of time
+    or patience; ``loop_config`` is what :func:`~matsci_ray.train.trainer.build_trainer` sends."""
+    state = start(loop_config)
+    data = EpochData.from_loop_config(state.core.datasets, loop_config)
+    telemetry = Telemetry(state.config, state.rank)
+    started = time.monotonic()
+    while state.epoch < state.config.optim.epochs:
+        _maybe_fail(state.config, state.epoch, state.rank)
+        metrics = run_epoch(state, data)
+        telemetry.log(metrics, state.epoch)
+        report(state, metrics)
+        if _should_stop(state, started):
+            break
+    telemetry.close()
+
+
+def start(loop_config: dict[str, Any]) -> TrainState:
+    """This worker's model, optimiser and schedule, from the checkpoint it resumes if any."""
+    config = ExperimentConfig.model_validate(loop_config["experiment"])
+    ctx = ray.train.get_context()
+    if config.run.threads_per_worker:
+        torch.set_num_threads(config.run.threads_per_worker)
+    torch.manual_seed(config.run.seed)
+    core = MatSciModel.from_config(config)
+    core.fit_normalisation(loop_config["summaries"])
+    optimizer = torch.optim.AdamW(
+        core.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay
+    )
+    _, higher = primary_metric(config.tasks)
+    scheduler = Schedule(optimizer, config.optim, loop_config["steps_per_epoch"], higher)
+    state = TrainState(
+        config=config,
+        core=core,
+        model=core,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        rank=ctx.get_world_rank(),
+        world=ctx.get_world_size(),
+        device=ray.train.torch.get_device(),
+    )
+    _restore(state, loop_config)
+    state.model = _prepare(core, config)
+    return state
+
+
+def run_epoch(state: TrainState, data: EpochData) -> dict[str, float]:
+    """Train one epoch and validate; the epoch's metrics, after the plateau schedule and early
+    stopping have seen its primary metric."""
+    metrics = train_epoch(state, data)
+    val_start = time.monotonic()
+    metrics.update(validate(state, data))
+    metrics["time/val_s"] = time.monotonic() - val_start
+    state.epoch += 1
+    key, _ = primary_metric(state.config.tasks)
+    # plateau: the same metric on every rank (validate broadcasts it), the same cut
+    state.scheduler.step_epoch(metrics.get(key, float("nan")))
+    _early_stopping(state, metrics.get(key, float("nan")))
+    metrics["epoch"] = state.epoch
+    metrics["lr"] = state.scheduler.lr  # what the next step uses: after this epoch's plateau cut
+    metrics["best_score"] = state.best
+    metrics["time/report_s"] = state.report_s  # the previous epoch's checkpoint + report
+    return metrics
+
+
+def train_epoch(state: TrainState, data: EpochData) -> dict[str, float]:
+    """One pass over this worker's training batches: the ``train/`` losses and metrics (of
+    the batches as they were trained on), throughput and where the time went."""
+    core, config = state.core, state.config
+    targets = batch_targets(core.tasks.values())
+    state.model.train()
+    sums = MetricSums(core)
+    epoch_start = wait = time.monotonic()
+    waited, samples = 0.0, 0
+    for rows in train_batches(
+        config, data.train, data.sizes, state.world, state.epoch, state.rank, data.order_file
+    ):
+        batch = collate(rows, targets, core.datasets).to(state.device)
+        waited += time.monotonic() - wait
+        preds = state.model(batch)
+        losses = task_losses(core, preds, batch, config.loss)
+        _optimiser_step(state, losses)
+        for name, loss in losses.items():
+            sums.add_loss(name, float(loss.detach()), batch.num_graphs)
+        sums.update(preds, batch)
+        samples += batch.num_graphs
+        wait = time.monotonic()
+    elapsed = time.monotonic() - epoch_start
+    return {
+        **sums.compute("train/"),
+        "time/train_s": elapsed,
+        "train/samples_per_s": samples * state.world / max(elapsed, 1e-9),
+        "train/data_wait_fraction": waited / max(elapsed, 1e-9),
+    }
+
+
+def validate(state: TrainState, data: EpochData) -> dict[str, float]:
+    """Exact ``val/`` metrics: rank 0 scores every (unsplit) validation set and broadcasts
+    them, so no row is dropped to even out worker shards."""
+    metrics: list[dict[str, float] | None] = [None]
+    if state.rank == 0:
+        batch_size = state.config.data.batch_size
+        rows = itertools.chain.from_iterable(
+            shard.iter_batches(batch_size=batch_size, batch_format="numpy")
+            for shard in data.val.values()
+        )
+        metrics[0] = score(state.core, rows, state.device)
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(metrics, src=0)
+    return {f"val/{k}": v for k, v in (metrics[0] or {}).items()}
+
+
+def report(state: TrainState, metrics: dict[str, float]) -> None:
+    """Report the epoch's metrics to Ray Train, with rank 0's checkpoint."""
+    report_start = time.monotonic()
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = None
+        if state.rank == 0:
+            save_checkpoint(
+                Path(directory),
+                state.core,
+                state.config,
+                state.optimizer,
+                state.scheduler,
+                state.epoch,
+                state.best,
+                state.stale,
+                metrics,
+            )
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(metrics, checkpoint=checkpoint)
+    state.report_s = time.monotonic() - report_start
+
+
+def _optimiser_step(state: TrainState, losses: dict[str, torch.Tensor]) -> None:
+    """One optimiser step and the schedule's: losses added with weights (DDP), or combined by
+    PCGrad."""
+    config = state.config
+    weights = config.loss.task_weights
+    weighted = [weights.get(name, 1.0) * loss for name, loss in losses.items()]
+    state.optimizer.zero_grad(set_to_none=True)
+    if config.loss.combine == "pcgrad" and len(weighted) > 1:
+        # identical seed on every worker: the same projection order, the same update
+        generator = torch.Generator().manual_seed(config.run.seed + state.scheduler.steps)
+        shared, specific = state.core.encoder.parameters(), state.core.heads.parameters()
+        pcgrad_backward(weighted, list(shared), list(specific), generator)
+    else:
+        torch.stack(weighted).sum().backward()
+    if config.optim.grad_clip:
+        nn.utils.clip_grad_norm_(state.core.parameters(), config.optim.grad_clip)
+    state.optimizer.step()
+    state.scheduler.step_batch()
+
+
+def _early_stopping(state: TrainState, value: float) -> None:
+    """Track the best primary metric and the epochs since it improved (a NaN is not counted)."""
+    if math.isnan(value):
+        return
+    _, higher = primary_metric(state.config.tasks)
+    if state.best is None or (value > state.best if higher else value < state.best):
+        state.best, state.stale = value, 0
+    else:
+        state.stale += 1
+
+
+def _should_stop(state: TrainState, started: float) -> bool:
+    """Out of time (``optim.max_minutes``) or of patience (``early_stopping_patience``)."""
+    optim = state.config.optim
+    out_of_time = (
+        optim.max_minutes is not None and time.monotonic() - started > 60 * optim.max_minutes
+    )
+    patience = optim.early_stopping_patience
+    return out_of_time or (patience is not None and state.stale >= patience)
 
 
 def _maybe_fail(config: ExperimentConfig, epoch: int, rank: int) -> None:
@@ -60,42 +264,6 @@ def _maybe_fail(config: ExperimentConfig, epoch: int, rank: int) -> None:
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
         os._exit(1)
-
-
-def collate(rows: dict[str, Any], targets: list[str], datasets: list[str]) -> Any:
-    """PyG batch plus ``dataset_index`` (B,): which of ``datasets`` each structure came from,
-    so a head scores only its own data set's structures."""
-    batch = rows_to_pyg_batch(rows, targets)
-    names = np.asarray(rows["dataset"]).astype(str)
-    lookup = {name: k for k, name in enumerate(datasets)}
-    batch.dataset_index = torch.as_tensor([lookup.get(n, -1) for n in names], dtype=torch.long)
-    return batch
-
-
-def evaluate(
-    core: MatSciModel,
-    shards: dict[str, Any],
-    config: ExperimentConfig,
-    device: torch.device,
-    targets: list[str],
-    rank: int,
-) -> dict[str, float]:
-    """Exact validation metrics: rank 0 scores every (unsplit) validation set and broadcasts
-    them, so no row is dropped to even out worker shards."""
-    metrics: list[dict[str, float] | None] = [None]
-    if rank == 0:
-        core.eval()
-        sums = MetricSums(core, distributed=False)
-        for shard in shards.values():
-            for rows in shard.iter_batches(batch_size=config.data.batch_size, batch_format="numpy"):
-                batch = collate(rows, targets, core.datasets).to(device)
-                with torch.set_grad_enabled(core.needs_forces):
-                    preds = core(batch)
-                sums.update(preds, batch)
-        metrics[0] = sums.compute()
-    if dist.is_available() and dist.is_initialized():
-        dist.broadcast_object_list(metrics, src=0)
-    return metrics[0] or {}
 
 
 def train_batches(
@@ -150,37 +318,6 @@ def train_batches(
     )
 
 
-class Stepper:
-    """One optimiser step: losses added with weights (DDP), or combined by PCGrad."""
-
-    def __init__(
-        self,
-        config: ExperimentConfig,
-        core: MatSciModel,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-    ) -> None:
-        self.config, self.core, self.model, self.optimizer = config, core, model, optimizer
-        self.shared = list(core.encoder.parameters())
-        self.specific = list(core.heads.parameters())
-        self.steps = 0
-
-    def __call__(self, losses: dict[str, torch.Tensor]) -> None:
-        weights = self.config.loss.task_weights
-        weighted = [weights.get(name, 1.0) * loss for name, loss in losses.items()]
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.config.loss.combine == "pcgrad" and len(weighted) > 1:
-            # identical seed on every worker: the same projection order, the same update
-            generator = torch.Generator().manual_seed(self.config.run.seed + self.steps)
-            pcgrad_backward(weighted, self.shared, self.specific, generator)
-        else:
-            torch.stack(weighted).sum().backward()
-        if self.config.optim.grad_clip:
-            nn.utils.clip_grad_norm_(self.core.parameters(), self.config.optim.grad_clip)
-        self.optimizer.step()
-        self.steps += 1
-
-
 def _prepare(core: MatSciModel, config: ExperimentConfig) -> nn.Module:
     """DDP for additive losses; PCGrad all-reduces per-task gradients itself, so its model is
     not wrapped, and rank 0's initial weights are broadcast instead."""
@@ -193,101 +330,8 @@ def _prepare(core: MatSciModel, config: ExperimentConfig) -> nn.Module:
     return model
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    config = ExperimentConfig.model_validate(loop_config["experiment"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if config.run.threads_per_worker:
-        torch.set_num_threads(config.run.threads_per_worker)
-    torch.manual_seed(config.run.seed)
-    device = ray.train.torch.get_device()
-
-    core = build_model(config)
-    core.fit_normalisation(loop_config["summaries"])
-    optimizer = torch.optim.AdamW(
-        core.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay
-    )
-    key, higher = primary_metric(config)
-    scheduler = Schedule(optimizer, config.optim, loop_config["steps_per_epoch"], higher)
-    start_epoch, best, stale = _restore(loop_config, config, core, optimizer, scheduler, rank)
-    model = _prepare(core, config)
-    train_shards = {d: ray.train.get_dataset_shard(f"train:{d}") for d in core.datasets}
-    val_shards = {d: ray.train.get_dataset_shard(f"val:{d}") for d in core.datasets}
-    sizes = {d: loop_config["summaries"][d]["records"] for d in core.datasets}
-    targets = batch_targets(core)
-    step = Stepper(config, core, model, optimizer)
-    step.steps = scheduler.steps  # optimiser steps taken before a resume (PCGrad's seeds)
-    telemetry = Telemetry(config, rank)
-    order_file = loop_config.get("order_file")
-    started = time.monotonic()
-    last_report_s = 0.0
-
-    for epoch in range(start_epoch, config.optim.epochs):
-        _maybe_fail(config, epoch, rank)
-        model.train()
-        sums = MetricSums(core)
-        epoch_start = wait = time.monotonic()
-        waited, samples = 0.0, 0
-        for rows in train_batches(config, train_shards, sizes, world, epoch, rank, order_file):
-            batch = collate(rows, targets, core.datasets).to(device)
-            waited += time.monotonic() - wait
-            preds = model(batch)
-            losses = task_losses(core, preds, batch, config.loss)
-            step(losses)
-            scheduler.step_batch()
-            for name, loss in losses.items():
-                sums.add_loss(name, float(loss.detach()), batch.num_graphs)
-            sums.update(preds, batch)
-            samples += batch.num_graphs
-            wait = time.monotonic()
-        elapsed = time.monotonic() - epoch_start
-        metrics = sums.compute("train/")
-        val_start = time.monotonic()
-        metrics.update(
-            {
-                f"val/{k}": v
-                for k, v in evaluate(core, val_shards, config, device, targets, rank).items()
-            }
-        )
-        # where an epoch's wall time goes: training, validation, and (below) checkpointing
-        metrics["time/train_s"] = elapsed
-        metrics["time/val_s"] = time.monotonic() - val_start
-        # plateau: the same metric on every rank (evaluate broadcasts it), the same cut
-        scheduler.step_epoch(metrics.get(key, float("nan")))
-        metrics.update(
-            {
-                "epoch": epoch + 1,
-                "lr": scheduler.lr,  # what the next step uses: after this epoch's plateau cut
-                "train/samples_per_s": samples * world / max(elapsed, 1e-9),
-                "train/data_wait_fraction": waited / max(elapsed, 1e-9),
-            }
-        )
-        best, stale = _early_stopping(config, metrics, best, stale)
-        metrics["best_score"] = best
-        metrics["time/report_s"] = last_report_s  # the previous epoch's checkpoint + report
-        telemetry.log(metrics, epoch + 1)
-        report_start = time.monotonic()
-        _report(config, core, optimizer, scheduler, metrics, epoch + 1, best, stale, rank)
-        last_report_s = time.monotonic() - report_start
-        out_of_time = (
-            config.optim.max_minutes is not None
-            and time.monotonic() - started > 60 * config.optim.max_minutes
-        )
-        patience = config.optim.early_stopping_patience
-        if out_of_time or (patience is not None and stale >= patience):
-            break
-    telemetry.close()
-
-
-def _restore(
-    loop_config: dict[str, Any],
-    config: ExperimentConfig,
-    core: MatSciModel,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Schedule,
-    rank: int,
-) -> tuple[int, float | None, int]:
-    """Load the checkpoint this worker group starts from; ``(start epoch, best, stale)``.
+def _restore(state: TrainState, loop_config: dict[str, Any]) -> None:
+    """Load the checkpoint this worker group starts from into ``state`` (epoch, best, stale).
 
     Ray Train V2 hands the loop this run's latest checkpoint (after a ``FailureConfig``
     restart, or when a run directory of the same name and storage already holds one), and
@@ -296,7 +340,7 @@ def _restore(
     resume = loop_config.get("resume_from")
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and resume is None:
-        return 0, None, 0
+        return
     with contextlib.ExitStack() as stack:
         candidates = []
         if checkpoint is not None:
@@ -305,10 +349,10 @@ def _restore(
             candidates.append(Path(resume))
         states = [read_checkpoint(path) for path in candidates]  # each read once
         latest = max(range(len(states)), key=lambda i: int(states[i]["epoch"]))  # Ray's on a tie
-        restored = load_training_state(states[latest], core, optimizer, scheduler)
-    if rank == 0 and resume is not None and candidates[latest] == Path(resume):
-        _carry_history(config, Path(resume), restored[0])
-    return restored
+        restored = load_training_state(states[latest], state.core, state.optimizer, state.scheduler)
+    state.epoch, state.best, state.stale = restored
+    if state.rank == 0 and resume is not None and candidates[latest] == Path(resume):
+        _carry_history(state.config, Path(resume), state.epoch)
 
 
 def _carry_history(config: ExperimentConfig, checkpoint: Path, epoch: int) -> None:
@@ -322,44 +366,3 @@ def _carry_history(config: ExperimentConfig, checkpoint: Path, epoch: int) -> No
     kept = [line for line in rows if json.loads(line).get("epoch", 0) <= epoch]
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text("".join(f"{line}\n" for line in kept))
-
-
-def primary_metric(config: ExperimentConfig) -> tuple[str, bool]:
-    """``(metric key, higher is better)`` of the first task: what early stopping watches."""
-    from matsci_ray.tasks.registry import TASKS
-
-    task = TASKS[config.tasks[0]]
-    return f"val/{task.metric_name}", task.higher_is_better
-
-
-def _early_stopping(
-    config: ExperimentConfig, metrics: dict[str, float], best: float | None, stale: int
-) -> tuple[float | None, int]:
-    key, higher = primary_metric(config)
-    score = metrics.get(key, float("nan"))
-    if math.isnan(score):
-        return best, stale
-    if best is None or (score > best if higher else score < best):
-        return score, 0
-    return best, stale + 1
-
-
-def _report(
-    config: ExperimentConfig,
-    core: MatSciModel,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Schedule,
-    metrics: dict[str, float],
-    epoch: int,
-    best: float | None,
-    stale: int,
-    rank: int,
-) -> None:
-    with tempfile.TemporaryDirectory() as directory:
-        checkpoint = None
-        if rank == 0:
-            save_checkpoint(
-                Path(directory), core, config, optimizer, scheduler, epoch, best, stale, metrics
-            )
-            checkpoint = ray.train.Checkpoint.from_directory(directory)
-        ray.train.report(metrics, checkpoint=checkpoint)

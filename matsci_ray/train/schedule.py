@@ -11,7 +11,7 @@ Two clocks drive the learning rate:
   during warm-up would be rescaled by the warm-up's own multiplicative steps).
 
 Every rank computes the same schedule: the step clock counts the same optimiser steps, and the
-validation metrics are rank 0's, broadcast to every rank (``loop.evaluate``).
+validation metrics are rank 0's, broadcast to every rank (``loop.validate``).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from matsci_ray.data.dataset import open_dataset, sample_rows
 from matsci_ray.data.manifest import read_manifest
 from matsci_ray.data.mixing import epoch_batches
 from matsci_ray.graphs.batching import RadiusGraphTransform
-from matsci_ray.tasks.registry import TASKS
+from matsci_ray.tasks.registry import TASKS, primary_metric
 from matsci_ray.train.checkpoint import check_resume
 from matsci_ray.train.data_order import (
     ORDER_FILE,
@@ -28,7 +28,7 @@ from matsci_ray.train.data_order import (
     EpochOrder,
     randomize_blocks_by_epoch,
 )
-from matsci_ray.train.loop import primary_metric, train_loop_per_worker
+from matsci_ray.train.loop import train_loop_per_worker
 from matsci_ray.train.preflight import prepare_run
 
 GEOMETRY = [K.DATASET, K.SAMPLE_ID, K.ATOMIC_NUMBERS, K.POSITIONS, K.CELL, K.PBC, K.NATOMS]
@@ -139,7 +139,7 @@ def checkpoint_config(config: ExperimentConfig) -> ray.train.CheckpointConfig:
     flat metrics, so a key with '/' works; NaN ranks worst, a tie goes to the later) and keeps
     ``num_to_keep`` of them, and never deletes the latest, which restarts and ``--resume``
     continue from. ``result.checkpoint`` is the latest, ``result.best_checkpoints`` the best."""
-    key, higher = primary_metric(config)
+    key, higher = primary_metric(config.tasks)
     return ray.train.CheckpointConfig(
         num_to_keep=1,
         checkpoint_score_attribute=key,
@@ -213,7 +213,7 @@ def build_trainer(
             callbacks=callbacks,
         ),
         datasets=datasets,
-        # validation is scored whole on rank 0 (see loop.evaluate): only train is split
+        # validation is scored whole on rank 0 (see loop.validate): only train is split
         dataset_config=ray.train.DataConfig(
             datasets_to_split=[k for k in datasets if k.startswith("train:")]
         ),
