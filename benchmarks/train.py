@@ -28,7 +28,6 @@ os.environ.update(
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT.parent / "shared" / "datasets"
-MODELS = ("egnn", "megnet", "gala")
 Row = dict[str, Any]
 
 
@@ -130,15 +129,15 @@ def compute_rate(config: Any, repeats: int) -> float:
     import torch
     from torch import nn
 
-    from matsci_ray.train.checkpoint import build_model
-    from matsci_ray.train.loop import batch_targets, collate
+    from matsci_ray.graphs.collate import batch_targets, collate
+    from matsci_ray.potential import MatSciModel
     from matsci_ray.train.metrics import task_losses
     from matsci_ray.train.trainer import graph_dataset, train_summaries
 
     torch.manual_seed(config.run.seed)
-    model = build_model(config)  # the loop's own model, losses and optimiser step
+    model = MatSciModel.from_config(config)  # the loop's own model, losses and optimiser step
     model.fit_normalisation(train_summaries(config))
-    targets = batch_targets(model)
+    targets = batch_targets(model.tasks.values())
     ds = graph_dataset(config, config.datasets[0], "train", config.data.max_train_samples)
     rows = ds.iter_batches(batch_size=config.data.batch_size, batch_format="numpy")
     batches = [collate(r, targets, model.datasets) for r in rows]
@@ -354,15 +353,18 @@ def markdown(rows: list[Row]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: small, few epochs")
-    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated")
+    from matsci_ray.models.registry import model_names
+
+    models = model_names()
+    parser.add_argument("--models", default=",".join(models), help="comma-separated")
     parser.add_argument("--epochs", type=int, default=4, help="per run; the first is warm-up")
     parser.add_argument("--mp-copies", type=int, default=4, help="MP train split repeated")
     parser.add_argument("--repeats", type=int, default=3, help="baseline / graph repeats")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/train.json")
     args = parser.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
-    if unknown := set(args.models) - set(MODELS):
-        parser.error(f"unknown model(s) {sorted(unknown)}; choose from {MODELS}")
+    if unknown := set(args.models) - set(models):
+        parser.error(f"unknown model(s) {sorted(unknown)}; choose from {', '.join(models)}")
     if args.quick:
         args.mp_copies, args.repeats = 1, 2
 

@@ -13,19 +13,28 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
+    GetJsonSchemaHandler,
     Strict,
     ValidationError,
     ValidationInfo,
     create_model,
     field_validator,
 )
-from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, InitErrorDetails, PydanticCustomError
 
 from matsci_ray.errors import ConfigError
-from matsci_ray.models import SET_BY_BUILDER, encoder_signature
+from matsci_ray.models import (
+    MODELS,
+    SET_BY_BUILDER,
+    encoder_class,
+    encoder_signature,
+    model_names,
+)
 from matsci_ray.tasks.registry import TASKS, ForceLoss
 
 
@@ -70,8 +79,32 @@ class DataConfig(_Strict):
     )
 
 
+def _registered_model(name: str) -> str:
+    """A registered model whose encoder imports and agrees with its registry entry: checked
+    here, at load time, so a bad plugin fails before Ray or any worker starts."""
+    if name not in MODELS:
+        raise PydanticCustomError("model_name", MODELS.unknown(name))  # no context: verbatim
+    try:
+        encoder_class(name)
+    except ConfigError as error:
+        raise PydanticCustomError("model_name", str(error)) from None
+    return name
+
+
+class _RegisteredModels:
+    """The JSON schema of a model name lists the registry's names, read when it is made."""
+
+    def __get_pydantic_json_schema__(
+        self, schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return {**handler(schema), "enum": model_names()}
+
+
+ModelName = Annotated[str, AfterValidator(_registered_model), _RegisteredModels()]
+
+
 class ModelConfig(_Strict):
-    name: Literal["egnn", "megnet", "gala"] = "egnn"
+    name: ModelName = Field("egnn", description="a registered encoder")
     params: dict[str, Any] = Field(default_factory=dict, description="encoder keyword arguments")
     head_hidden: int = Field(128, gt=0)
 
@@ -253,7 +286,7 @@ def _validate(model: type[_M], raw: dict[str, Any], path: Path) -> _M:
 def _given(error: Any) -> str:
     """`` (got 'big')`` after a message on a scalar value of the wrong type or range."""
     value = error.get("input")
-    if error["type"] in ("encoder_param", "extra_forbidden", "missing"):
+    if error["type"] in ("encoder_param", "model_name", "extra_forbidden", "missing"):
         return ""
     if isinstance(value, str | int | float | bool) and len(repr(value)) <= 60:
         return f" (got {value!r})"
@@ -286,8 +319,6 @@ def dump_config(config: ExperimentConfig) -> dict[str, Any]:
 
 
 # --- studies: families of experiments run as Ray Tune experiments --------------------------
-
-ModelName = Literal["egnn", "megnet", "gala"]
 
 
 class SweepConfig(_Strict):

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from matsci_ray.models.registry import model_names
 from matsci_ray.report import Trial, ordered_tasks
 from matsci_ray.tasks.registry import TASKS
 
-MODEL_ORDER = ("egnn", "megnet", "gala")  # the paper's column order; others follow by name
 # fmt: off
 CSV_FIELDS = (
     "table", "row", "column", "model", "combine", "task", "metric", "unit", "value",
@@ -76,8 +76,10 @@ def _best(trials: list[Trial], task: str) -> Trial:
 
 
 def _columns(trials: list[Trial]) -> list[str]:
+    """Models in registry order (the paper's, then plugins); unregistered ones by name."""
     names = {t.model for t in trials}
-    return [m for m in MODEL_ORDER if m in names] + sorted(names - set(MODEL_ORDER))
+    order = model_names()
+    return [m for m in order if m in names] + sorted(names - set(order))
 
 
 def _metric_label(task: str) -> str:

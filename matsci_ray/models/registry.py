@@ -1,0 +1,80 @@
+"""The one registry of encoders: adding a model is its module plus one :class:`ModelSpec` here
+(or, from another package, an entry point in the ``matsci_ray.models`` group naming one).
+
+Config validation, sweeps, the demo, the report's column order, the benchmarks and the
+encoder-contract tests read their model names and facts from here. Nothing in this module
+imports an encoder: ``matsci_ray.models.encoder_class`` does, on first use, and checks the
+spec against the encoder's keyword arguments then.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from matsci_ray.plugins import Registry
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """An encoder and the facts the rest of the project needs about it.
+
+    ``width`` and ``depth`` name the keyword arguments a sweep varies (feature width, number
+    of layers or blocks); ``small`` is the model's small setting (read-only), small enough to
+    train in seconds on a CPU: the one table of them, read by the demo's studies and the tests.
+    All three are checked against the encoder's ``__init__`` when it is first used.
+    """
+
+    name: str
+    encoder: str  # "module:Class", a subclass of matsci_ray.models.base.Encoder
+    width: str
+    depth: str
+    small: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "small", MappingProxyType(dict(self.small)))
+
+    def __reduce__(self) -> tuple[Any, ...]:  # a mapping proxy does not pickle; a dict does
+        return type(self), (self.name, self.encoder, self.width, self.depth, dict(self.small))
+
+    def small_params(self) -> dict[str, Any]:
+        """``small`` as a new dict, for a config's ``model.params``."""
+        return dict(self.small)
+
+
+MODELS: Registry[ModelSpec] = Registry(
+    "model",
+    "matsci_ray.models",
+    ModelSpec,
+    # the paper's order: the report's columns follow it
+    [
+        ModelSpec(
+            "egnn",
+            "matsci_ray.models.egnn:EGNN",
+            width="hidden_dim",
+            depth="num_layers",
+            small={"hidden_dim": 64, "num_layers": 2, "mlp_dim": 128},
+        ),
+        ModelSpec(
+            "megnet",
+            "matsci_ray.models.megnet:MEGNet",
+            width="dim",
+            depth="num_blocks",
+            small={"dim": 32, "num_blocks": 2, "num_rbf": 50},
+        ),
+        ModelSpec(
+            "gala",
+            "matsci_ray.models.gala:GALA",
+            width="dim",
+            depth="num_layers",
+            small={"dim": 64, "heads": 4, "num_layers": 2, "ffn_dim": 128},
+        ),
+    ],
+)
+
+
+def model_names() -> list[str]:
+    """Registered encoder names: the built-ins in the paper's order, then plugins by name."""
+    return MODELS.names()
