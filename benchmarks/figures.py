@@ -26,11 +26,7 @@ os.environ.update(
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT.parent / "shared" / "datasets"
-SOURCES = {
-    "materials-project": ["materials_project/summary_docs.jsonl"],
-    "lips": ["lips/lips_devset.extxyz"],
-    "oc20-s2ef": ["oc20/trajectories"],
-}
+SOURCES = ("materials-project", "lips", "oc20-s2ef")  # their sample paths: the data set registry
 OC20: dict[str, dict[str, Any]] = {"data": {"batch_size": 8}, "optim": {"epochs": 2, "lr": 2e-3}}
 # name: (task, config sections); the model is EGNN at its default size throughout
 RUNS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
@@ -256,13 +252,15 @@ def main() -> None:
         init_ray(num_cpus=2, temp_dir=tmp / "ray")
         root = tmp / "data"
         needed = {RUNS[n][0] for n in args.only}
+        from matsci_ray.data.registry import DATASETS
         from matsci_ray.tasks.registry import TASKS
 
-        for source, rel in SOURCES.items():
+        for source in SOURCES:
             if not any(TASKS[t].dataset == source for t in needed):
                 continue
+            paths = [args.samples / r for r in DATASETS.get(source).samples]
             options = IngestOptions(source=source, split=SplitConfig((0.8, 0.2, 0.0), seed=42))
-            run_ingest(source, [args.samples / r for r in rel], root, options, progress=False)
+            run_ingest(source, paths, root, options, progress=False)
         for name in args.only:
             results[name] = run(name, root, tmp)
             print(json.dumps({name: results[name]}, indent=1, default=str), flush=True)

@@ -44,15 +44,14 @@ def start_ray(tmp: Path) -> None:
 
 def ingest(root: Path, quick: bool) -> None:
     from matsci_ray.data.ingest import run_ingest
+    from matsci_ray.data.registry import DATASETS
     from matsci_ray.data.shards import IngestOptions
 
-    mp = SAMPLES / "materials_project"
     oc20 = sorted((SAMPLES / "oc20" / "trajectories").glob("*.traj"))
-    for source, paths in {
-        "materials-project": [mp / "summary_docs.jsonl"],  # the devset LMDB repeats it
-        "lips": [SAMPLES / "lips" / "lips_devset.extxyz"],
-        "oc20-s2ef": oc20[:3] if quick else oc20,
-    }.items():
+    for source in ("materials-project", "lips", "oc20-s2ef"):
+        paths = [SAMPLES / r for r in DATASETS.get(source).samples]
+        if source == "oc20-s2ef" and quick:  # a few trajectories keep the smoke run short
+            paths = oc20[:3]
         run_ingest(source, paths, root, IngestOptions(source=source), progress=False)
 
 

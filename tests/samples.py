@@ -20,6 +20,7 @@ def ingest_in_process(source: str, path: Path, root: Path) -> Path:
     return root
 
 
+# The tests' one tiny EGNN (smaller than the registry's small setting: many tests train it).
 TINY_EGNN = {"hidden_dim": 16, "num_layers": 2, "mlp_dim": 32, "num_rbf": 8}
 
 

@@ -26,11 +26,10 @@ import yaml
 
 from matsci_ray.train.telemetry import EXPORTED_METRICS
 from tests.conftest import no_local_ray
-from tests.samples import ingest_in_process
+from tests.samples import TINY_EGNN, ingest_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
-TINY = {"hidden_dim": 16, "num_layers": 1, "mlp_dim": 32, "num_rbf": 8}
 
 
 def _free_ports(n: int) -> list[int]:
@@ -112,7 +111,7 @@ def _experiment(root: Path, storage: Path, epochs: int) -> dict:
         "name": "job-mp",
         "tasks": ["mp-formation-energy"],
         "data": {"root": str(root), "cutoff": 4.0, "batch_size": 16},
-        "model": {"name": "egnn", "params": TINY, "head_hidden": 16},
+        "model": {"name": "egnn", "params": TINY_EGNN, "head_hidden": 16},
         "optim": {"lr": 3e-3, "epochs": epochs},
         "run": {"num_workers": 2, "cpus_per_worker": 0.5, "storage": str(storage)},
     }

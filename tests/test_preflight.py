@@ -22,8 +22,7 @@ import yaml
 from matsci_ray import errors
 from matsci_ray.cli.main import main
 from matsci_ray.config import ExperimentConfig, load_config
-
-TINY = {"hidden_dim": 16, "num_layers": 1, "mlp_dim": 32, "num_rbf": 8}
+from tests.samples import TINY_EGNN
 
 
 def _raw(root: Path, tmp_path: Path, **sections: dict[str, Any]) -> dict[str, Any]:
@@ -31,7 +30,7 @@ def _raw(root: Path, tmp_path: Path, **sections: dict[str, Any]) -> dict[str, An
         "name": "preflight",
         "tasks": ["mp-band-gap"],
         "data": {"root": str(root), "cutoff": 4.0, "cache_graphs": "never"},
-        "model": {"name": "egnn", "params": dict(TINY), "head_hidden": 16},
+        "model": {"name": "egnn", "params": dict(TINY_EGNN), "head_hidden": 16},
         "optim": {"epochs": 1},
         "run": {"num_workers": 1, "cpus_per_worker": 0.5, "storage": str(tmp_path / "runs")},
     }

@@ -13,6 +13,7 @@ from matsci_ray.config import StudyConfig
 from matsci_ray.data.ingest import run_ingest
 from matsci_ray.data.shards import IngestOptions
 from matsci_ray.experiments.study import run_study, variants
+from tests.samples import TINY_EGNN
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 
@@ -41,7 +42,7 @@ def _study(root: Path, storage: Path, **fields: object) -> StudyConfig:
             "data": {"root": str(root), "cutoff": 4.0, "batch_size": 32},
             "model": {
                 "name": "egnn",
-                "params": {"hidden_dim": 16, "num_layers": 1, "mlp_dim": 32, "num_rbf": 8},
+                "params": TINY_EGNN,
             },
             "optim": {"lr": 3e-3, "epochs": 2},
             "run": {

@@ -4,7 +4,7 @@ A trial is one finished training run. Tune experiments list theirs in ``trials.j
 JSON object per line, written next to the trials' run directories)::
 
     {"trial_id": str, "family": "single-task" | "task-pair" | "dataset-pair" | "sweep",
-     "tasks": [task, ...], "datasets": [dataset, ...], "model": "egnn" | "megnet" | "gala",
+     "tasks": [task, ...], "datasets": [dataset, ...], "model": a registered model name,
      "combine": "additive" | "pcgrad" | null, "params": {name: value, ...},
      "run_dir": path (absolute, or relative to the trials.jsonl's directory),
      "metrics": {key: value, ...},   # the trial's final report, keys as in history.jsonl
