@@ -173,6 +173,12 @@ class LossConfig(_Strict):
         "with 90 eV/Å forces cannot dominate a step); default: each task's own (L2MAE for "
         "OC20, squared errors for LiPS)",
     )
+    stress_weight: float = Field(
+        0.0,
+        ge=0,
+        description="stress term of force tasks (squared Voigt component errors in units of "
+        "the data set's stress RMS), on structures that carry a stress; 0: off",
+    )
     task_weights: dict[str, float] = Field(default_factory=dict)
     combine: Literal["additive", "pcgrad"] = "additive"
 

@@ -155,14 +155,17 @@ def is_potential_energy(task: TaskSpec) -> bool:
 
 
 class MatSciCalculator(Calculator):
-    """ASE calculator: energy and conservative forces from a checkpoint's energy task.
+    """ASE calculator: energy, conservative forces and stress from a checkpoint's energy task.
 
     ``task`` picks the head (default: the first force task, else the first total-energy task),
-    so a trained model can drive ``ase.optimize`` or molecular dynamics. Forces are always
-    ``-dE/dpositions`` of that head, by autograd.
+    so a trained model can drive ``ase.optimize``, molecular dynamics, and cell relaxations
+    (``ase.filters.FrechetCellFilter``). Forces are always ``-dE/dpositions`` of that head, and
+    stress ``(1/V) dE/dε`` in eV/Å³ (ASE's sign and Voigt order), both by autograd; a structure
+    not periodic in all three directions has no stress (ASE raises
+    ``PropertyNotImplementedError`` when it is asked for).
     """
 
-    implemented_properties = ["energy", "forces", "free_energy"]  # noqa: RUF012
+    implemented_properties = ["energy", "forces", "free_energy", "stress"]  # noqa: RUF012
 
     def __init__(
         self,
@@ -203,9 +206,11 @@ class MatSciCalculator(Calculator):
         if reason is not None:  # a relaxation or MD run stops here, not on a meaningless number
             raise StructureError(f"{type(self).__name__}: refused structure: {reason}")
         batch = self.predictor.batch([self.atoms])
-        batch.pos.requires_grad_(True)
-        with torch.enable_grad():
-            energy = self.predictor.model(batch, forces=False)[self.task]["value"].sum()
-            (grad,) = torch.autograd.grad(energy, batch.pos)
-        self.results["energy"] = self.results["free_energy"] = energy.item()
-        self.results["forces"] = -grad.detach().cpu().numpy().astype(np.float64)
+        # stress costs one more gradient input, so it comes with every periodic result and a
+        # cell filter asking for forces, then stress, runs the model once
+        periodic = bool(self.atoms.pbc.all())
+        out = self.predictor.model.potential(batch, self.task, stress=periodic)
+        self.results["energy"] = self.results["free_energy"] = out["value"].sum().item()
+        self.results["forces"] = out["forces"].cpu().numpy().astype(np.float64)
+        if periodic:
+            self.results["stress"] = out[K.STRESS][0].cpu().numpy().astype(np.float64)

@@ -36,8 +36,19 @@ IS_STABLE = "is_stable"
 SPACE_GROUP = "space_group"
 TAGS = "tags"
 FIXED = "fixed"
+# Per structure, eV/Å³, ASE's sign (σ = (1/V) ∂E/∂ε: negative under compression, i.e. a
+# cell that wants to expand) and Voigt order (xx, yy, zz, yz, xz, xy), the 6-vector that
+# ASE's calculators return; matsci_ray.data.units converts kbar and GPa sources into it.
+STRESS = "stress"
+VOIGT_ORDER = ("xx", "yy", "zz", "yz", "xz", "xy")
 
-TargetKind = Literal["scalar", "per_atom_vector", "per_atom_int", "per_atom_bool", "bool", "class"]
+# "voigt": a symmetric 3×3 tensor stored as its 6 Voigt components (:data:`VOIGT_ORDER`).
+TargetKind = Literal[
+    "scalar", "per_atom_vector", "per_atom_int", "per_atom_bool", "bool", "class", "voigt"
+]
+
+# 1 GPa in eV/Å³ (1 eV/Å³ = 160.2176634 GPa, from the exact SI values of e and Å).
+GPA = 1.0 / 160.2176634
 
 
 @dataclass(frozen=True)
@@ -86,6 +97,16 @@ TARGETS: dict[str, TargetSpec] = {
         TargetSpec(SPACE_GROUP, "class", "", "international space group number", 1, 230, 230),
         TargetSpec(TAGS, "per_atom_int", "", "OC20 tags: 0 subsurface, 1 surface, 2 adsorbate"),
         TargetSpec(FIXED, "per_atom_bool", "", "atom held fixed during the relaxation"),
+        # ±1000 GPa: beyond the pressures of any materials data set (Earth's core: 360 GPa),
+        # while a kbar or GPa value stored as eV/Å³ lands 160-1600 times too large.
+        TargetSpec(
+            STRESS,
+            "voigt",
+            "eV/Å³",
+            "stress, (1/V) ∂E/∂ε in ASE's sign and Voigt order xx yy zz yz xz xy",
+            -1000 * GPA,
+            1000 * GPA,
+        ),
     )
 }
 

@@ -1,16 +1,22 @@
-"""``MatSciModel``: a shared encoder with one head per task, forces by autograd.
+"""``MatSciModel``: a shared encoder with one head per task, forces and stress by autograd.
 
 Forces are always the negative gradient of a head's energy with respect to positions
-(conservative), so any encoder becomes a force field without force-specific code.
+(conservative), and stress its strain derivative over the volume, ``σ = (1/V) ∂E/∂ε`` (ASE's
+sign and Voigt order), so any encoder becomes a force field without force-specific code: a
+zero strain is applied to positions and cell before the encoder computes edge vectors, and
+autograd differentiates the energy with respect to it.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
+from matsci_ray.graphs.geometry import apply_strain, voigt
+from matsci_ray.keys import STRESS
 from matsci_ray.models import build_encoder
 from matsci_ray.models.base import Encoder
 from matsci_ray.tasks.heads import Head, TaskPredictions, build_head, target_mask
@@ -20,6 +26,44 @@ if TYPE_CHECKING:
     from matsci_ray.config import ExperimentConfig
 
 Predictions = dict[str, TaskPredictions]  # per task
+
+
+def carries_stress(batch: Any) -> bool:
+    """Whether some structure of ``batch`` has a stress label (collation's ``stress_mask``)."""
+    mask = getattr(batch, f"{STRESS}_mask", None)
+    return mask is not None and bool(mask.any())
+
+
+def strained(batch: Any) -> tuple[Any, Tensor]:
+    """A shallow copy of ``batch`` whose positions and cell carry a zero strain, and that
+    strain's ``(B, 3, 3)`` displacement, for autograd to differentiate the energy by."""
+    displacement = torch.zeros(
+        (batch.num_graphs, 3, 3), dtype=batch.pos.dtype, device=batch.pos.device
+    ).requires_grad_(True)
+    out = copy.copy(batch)  # the caller's batch keeps its own positions and cell
+    out.pos, out.cell = apply_strain(batch.pos, batch.cell, batch.batch, displacement)
+    return out, displacement
+
+
+def energy_derivatives(
+    energy: Tensor,
+    pos: Tensor,
+    cell: Tensor,
+    displacement: Tensor | None,
+    create_graph: bool = False,
+) -> TaskPredictions:
+    """``"forces"`` ``−∂E/∂pos`` (N, 3), and with a ``displacement`` (:func:`strained`)
+    ``"stress"`` (B, 6) eV/Å³; NaN for a structure without volume (no periodic cell)."""
+    inputs = [pos] if displacement is None else [pos, displacement]
+    grads = torch.autograd.grad(energy.sum(), inputs, create_graph=create_graph, retain_graph=True)
+    out = {"forces": -grads[0]}
+    if displacement is not None:
+        volume = torch.linalg.det(cell.detach()).abs()
+        has_volume = volume > 1e-6
+        # dividing by a safe volume keeps NaN out of the backward of the structures that count
+        per_volume = voigt(grads[1]) / torch.where(has_volume, volume, 1.0)[:, None]
+        out[STRESS] = torch.where(has_volume[:, None], per_volume, torch.nan)
+    return out
 
 
 class MatSciModel(nn.Module):
@@ -63,11 +107,20 @@ class MatSciModel(nn.Module):
     def head(self, name: str) -> Head:
         return self.heads[name]  # type: ignore[return-value]
 
-    def forward(self, batch: Any, forces: bool | None = None) -> Predictions:
-        """Per task: ``{"value": (B,) or logits}``, plus ``"forces"`` (N, 3) for force tasks."""
+    def forward(
+        self, batch: Any, forces: bool | None = None, stress: bool | None = None
+    ) -> Predictions:
+        """Per task: ``{"value": (B,) or logits}``, plus ``"forces"`` (N, 3) for force tasks
+        and their ``"stress"`` (B, 6) when ``stress`` (default: when the batch carries stress
+        labels; stress implies forces)."""
         want_forces = self.needs_forces if forces is None else forces
-        if want_forces and not batch.pos.requires_grad:
-            batch.pos.requires_grad_(True)
+        want_stress = want_forces and (carries_stress(batch) if stress is None else stress)
+        pos, cell = batch.pos, batch.cell
+        if want_forces and not pos.requires_grad:
+            pos.requires_grad_(True)
+        displacement = None
+        if want_stress:
+            batch, displacement = strained(batch)
         out = self.encoder(batch)
         if self._graph_unread:
             out = out._replace(node=out.node + 0.0 * out.graph.sum())
@@ -76,8 +129,20 @@ class MatSciModel(nn.Module):
             value = head(out, batch)
             preds[name] = {"value": value}
             if want_forces and self.tasks[name].kind == "forces":
-                (grad,) = torch.autograd.grad(
-                    value.sum(), batch.pos, create_graph=self.training, retain_graph=True
+                preds[name].update(
+                    energy_derivatives(value, pos, cell, displacement, self.training)
                 )
-                preds[name]["forces"] = -grad
         return preds
+
+    def potential(self, batch: Any, task: str, stress: bool = True) -> TaskPredictions:
+        """Energy ``"value"`` of ``task``'s head (any total-energy task), its ``"forces"`` and,
+        with ``stress``, its ``"stress"``: what an ASE calculator returns."""
+        pos, cell = batch.pos, batch.cell
+        with torch.enable_grad():
+            pos.requires_grad_(True)
+            displacement = None
+            if stress:
+                batch, displacement = strained(batch)
+            energy = self.head(task)(self.encoder(batch), batch)
+            derivatives = energy_derivatives(energy, pos, cell, displacement)
+        return {"value": energy.detach(), **{k: v.detach() for k, v in derivatives.items()}}

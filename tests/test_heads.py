@@ -43,6 +43,7 @@ def _batch() -> object:
         "per_atom_vector": lambda: torch.randn(atoms, 3, generator=generator),
         "per_atom_bool": lambda: torch.rand(atoms, generator=generator) > 0.7,
         "per_atom_int": lambda: torch.zeros(atoms, dtype=torch.long),
+        "voigt": lambda: torch.randn(graphs, 6, generator=generator),
     }
     for name, spec in K.TARGETS.items():
         batch[name] = values[spec.kind]()

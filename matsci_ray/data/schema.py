@@ -17,7 +17,9 @@ from matsci_ray.data.record import Record
 # 2: every shard has page checksums and its manifest entry its size and SHA-256. A version-1
 # data set lacks both, so it is refused (re-ingest) rather than read half-checked; the bump
 # also changes every ingest fingerprint, so a resumed ingest rewrites its old units.
-SCHEMA_VERSION = 2
+# 3: a ``stress`` column (6 Voigt components, eV/Å³). A version-2 shard lacks it, so every
+# shard of a data set would not share one schema; re-ingest rather than mix.
+SCHEMA_VERSION = 3
 
 _VEC3 = pa.list_(pa.float64(), 3)
 _PER_ATOM_VEC3 = pa.list_(_VEC3)
@@ -34,6 +36,7 @@ _TARGET_TYPES: dict[str, pa.DataType] = {
     "per_atom_bool": pa.list_(pa.bool_()),
     "bool": pa.bool_(),
     "class": pa.int16(),
+    "voigt": pa.list_(pa.float64(), 6),
 }
 
 SCHEMA = pa.schema(
@@ -106,6 +109,11 @@ def records_to_table(records: Sequence[Record], split: str) -> pa.Table:
         type_ = _TARGET_TYPES[spec.kind]
         if spec.kind.startswith("per_atom"):
             columns[name] = _per_atom(values, natoms, type_)
+        elif spec.kind == "voigt":
+            columns[name] = pa.array(
+                [None if v is None else np.asarray(v, np.float64).reshape(6) for v in values],
+                type_,
+            )
         else:
             columns[name] = pa.array(values, type_)
     return pa.Table.from_pydict(columns, schema=SCHEMA)

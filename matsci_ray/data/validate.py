@@ -17,7 +17,7 @@ import numpy as np
 import vesin
 
 from matsci_ray.data.record import Record
-from matsci_ray.keys import TARGETS
+from matsci_ray.keys import STRESS, TARGETS
 
 MAX_Z = 118  # the periodic table; a model may embed fewer (``check_structure(max_z=...)``)
 _HARTREE = 27.211386  # eV
@@ -211,6 +211,9 @@ def _check_extent(s: Geometry, limits: Limits) -> str | None:
 def _check_targets(r: Record, limits: Limits) -> str | None:
     if not r.targets:
         return "label: record has no target"
+    if r.targets.get(STRESS) is not None and not np.asarray(r.pbc, dtype=bool).all():
+        # a stress is per cell volume: a structure not periodic in 3 directions has none
+        return "label: stress on a structure that is not periodic along a, b and c"
     for name, value in r.targets.items():
         reason = _check_target(name, value, np.asarray(r.atomic_numbers), limits)
         if reason is not None:
@@ -227,12 +230,11 @@ def _check_target(name: str, value: object, z: np.ndarray, limits: Limits) -> st
             return f"label: {name} must be a bool, got {value!r}"
         return None
     arr = np.asarray(value)
-    if spec.kind.startswith("per_atom"):
-        expected = (len(z), 3) if spec.kind == "per_atom_vector" else (len(z),)
-        if arr.shape != expected:
-            return f"label: {name} has shape {arr.shape}, expected {expected}"
-    elif arr.shape != ():
-        return f"label: {name} must be a scalar, got shape {arr.shape}"
+    expected = _target_shape(spec.kind, len(z))
+    if arr.shape != expected:
+        if expected == ():
+            return f"label: {name} must be a scalar, got shape {arr.shape}"
+        return f"label: {name} has shape {arr.shape}, expected {expected}"
     if spec.kind == "class" and float(arr) != int(arr):
         return f"label: {name} must be an integer class, got {value!r}"
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
@@ -244,6 +246,15 @@ def _check_target(name: str, value: object, z: np.ndarray, limits: Limits) -> st
     if spec.extensive:  # a total energy: bounded per atom, by what its atoms can hold
         return _check_total_energy(name, float(arr), z, limits)
     return None
+
+
+def _target_shape(kind: str, natoms: int) -> tuple[int, ...]:
+    """The array shape a target of ``kind`` has on a structure of ``natoms`` atoms."""
+    if kind == "per_atom_vector":
+        return (natoms, 3)
+    if kind.startswith("per_atom"):
+        return (natoms,)
+    return (6,) if kind == "voigt" else ()
 
 
 def _check_total_energy(name: str, energy: float, z: np.ndarray, limits: Limits) -> str | None:

@@ -250,7 +250,24 @@ def _per_atom_target(
     return out.astype(dtype), present
 
 
-def rows_to_pyg_batch(batch: dict[str, np.ndarray], targets: Sequence[str]) -> Batch:
+def _voigt_target(column: Column) -> tuple[np.ndarray, np.ndarray]:
+    """``(B, 6)`` Voigt rows with zeros where missing, and ``present`` (B,); a row with a
+    NaN or inf counts as missing, like the other targets."""
+    col = _as_object_rows(column)
+    if col.dtype != object:
+        values = col.astype(np.float64).reshape(len(col), 6)
+    else:
+        values = np.full((len(col), 6), np.nan)
+        for k, row in enumerate(col):
+            if row is not None:
+                values[k] = np.asarray(row, dtype=np.float64).reshape(6)
+    present = np.isfinite(values).all(axis=1)
+    return np.where(present[:, None], values, 0.0), present
+
+
+def rows_to_pyg_batch(
+    batch: dict[str, np.ndarray], targets: Sequence[str], optional: Sequence[str] = ()
+) -> Batch:
     """One PyG ``Batch`` from a columnar batch that carries the graph columns.
 
     Attributes: ``z`` long (N,), ``pos`` float32 (N, 3), ``cell`` float32 (B, 3, 3), ``pbc``
@@ -258,8 +275,11 @@ def rows_to_pyg_batch(batch: dict[str, np.ndarray], targets: Sequence[str]) -> B
     ``natoms`` long (B,), ``batch``, ``ptr``, and per requested target its values plus
     ``<target>_mask`` bool (B,), **True where the row has a value** (use it to select the rows
     a loss sees; missing values are filled with 0, or :data:`IGNORE_INDEX` for ``space_group``).
+    ``optional`` targets are read the same way where the batch has their column, and left out
+    (no attribute, no mask) where it does not.
     Scalars and ``is_stable`` are float32 (B,), ``space_group`` long (B,) zero-based, ``forces``
-    and ``relaxed_positions`` float32 (N, 3), ``tags`` long (N,), ``fixed`` bool (N,).
+    and ``relaxed_positions`` float32 (N, 3), ``tags`` long (N,), ``fixed`` bool (N,),
+    ``stress`` float32 (B, 6) in Voigt order.
 
     The Batch is assembled from concatenated arrays, with ``ptr``, ``batch`` and PyG's slice
     and increment tables set so ``to_data_list()`` still works. Measured on 256 OC20 rows at
@@ -306,7 +326,8 @@ def rows_to_pyg_batch(batch: dict[str, np.ndarray], targets: Sequence[str]) -> B
         "natoms": torch.from_numpy(counts),
     }
     node_keys, edge_keys = {"z", "pos"}, {"edge_index", "cell_offsets"}
-    for name in targets:
+    present_optional = [name for name in optional if name in batch and name not in targets]
+    for name in [*targets, *present_optional]:
         spec = K.TARGETS.get(name)
         if spec is None:
             raise ValueError(f"unknown target {name!r}; known: {sorted(K.TARGETS)}")
@@ -322,6 +343,9 @@ def rows_to_pyg_batch(batch: dict[str, np.ndarray], targets: Sequence[str]) -> B
                 attrs[name] = torch.from_numpy(index)
             else:
                 attrs[name] = torch.from_numpy(values.astype(np.float32))
+        elif spec.kind == "voigt":
+            values, present = _voigt_target(batch[name])
+            attrs[name] = torch.from_numpy(values.astype(np.float32))
         else:
             item_shape, dtype = {
                 "per_atom_vector": ((3,), np.float32),

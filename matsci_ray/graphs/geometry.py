@@ -25,3 +25,29 @@ def edge_vectors(
     src, dst = edge_index[0], edge_index[1]
     shift = torch.einsum("ej,ejk->ek", cell_offsets.to(pos.dtype), cell[batch[dst]])
     return pos[src] - pos[dst] + shift
+
+
+# Voigt component k of a 3×3 tensor is entry (_VOIGT_ROWS[k], _VOIGT_COLS[k]): xx yy zz yz xz xy.
+_VOIGT_ROWS = (0, 1, 2, 1, 0, 0)
+_VOIGT_COLS = (0, 1, 2, 2, 2, 1)
+
+
+def apply_strain(
+    pos: torch.Tensor, cell: torch.Tensor, batch: torch.Tensor, displacement: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions and cell deformed by ``I + ε``, ``ε`` the symmetric part of ``displacement``
+    (B, 3, 3), one per structure.
+
+    Straining the cell strains every periodic image too (edge vectors add ``S @ cell``), so
+    every edge vector becomes ``v (I + ε)``: with ``displacement`` zero the geometry is
+    unchanged and ``∂E/∂displacement`` is the virial ``∂E/∂ε``.
+    """
+    strain = 0.5 * (displacement + displacement.transpose(1, 2))
+    pos = pos + torch.einsum("ni,nij->nj", pos, strain[batch])
+    cell = cell + torch.bmm(cell, strain)
+    return pos, cell
+
+
+def voigt(tensor: torch.Tensor) -> torch.Tensor:
+    """``(B, 6)`` Voigt components (xx, yy, zz, yz, xz, xy) of symmetric ``(B, 3, 3)`` tensors."""
+    return tensor[:, _VOIGT_ROWS, _VOIGT_COLS]

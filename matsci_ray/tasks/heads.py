@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch_geometric.utils import scatter
 
-from matsci_ray.keys import FIXED, FORCES
+from matsci_ray.keys import FIXED, FORCES, GPA, STRESS
 from matsci_ray.models.base import EncoderOutput
 from matsci_ray.models.blocks import mlp
 from matsci_ray.tasks.registry import ForceLoss, TaskSpec
@@ -29,8 +29,12 @@ if TYPE_CHECKING:
     from matsci_ray.config import LossConfig
 
 NUM_Z = 119
+# A force head's stress scale (eV/Å³) until a data set's stress RMS is fitted: 1 GPa, the
+# order of the stresses of near-equilibrium DFT frames.
+DEFAULT_STRESS_SCALE = GPA
 
-# One task's predictions: ``"value"`` (B,) or logits, plus ``"forces"`` (N, 3) for force tasks.
+# One task's predictions: ``"value"`` (B,) or logits, plus ``"forces"`` (N, 3) for force tasks
+# and, where computed, their ``"stress"`` (B, 6).
 TaskPredictions = dict[str, Tensor]
 # Per metric name, ``(sum, count)``: a metric over an epoch is its sums' total over its counts'.
 SumsAndCounts = dict[str, tuple[Tensor, int]]
@@ -174,12 +178,40 @@ class EnergyHead(Head):
 
 
 class ForceHead(EnergyHead):
-    """A force task's energy head: forces are ``−∂E/∂r`` of its energy (``MatSciModel``), and
-    it learns and scores both, forces on :meth:`scored_atoms`."""
+    """A force task's energy head: forces are ``−∂E/∂r`` of its energy and stress its strain
+    derivative (``MatSciModel``); it learns and scores all three, forces on
+    :meth:`scored_atoms`, stress on the structures that carry one."""
+
+    def __init__(self, task: TaskSpec, node_dim: int, hidden: int) -> None:
+        super().__init__(task, node_dim, hidden)
+        self.register_buffer("stress_scale", torch.full((), DEFAULT_STRESS_SCALE))  # eV/Å³
+
+    def fit_normalisation(self, split_summary: dict[str, Any]) -> None:
+        super().fit_normalisation(split_summary)
+        stress = split_summary["targets"].get(STRESS)
+        if stress is not None and stress.get("count"):
+            rms = (stress["std"] ** 2 + stress["mean"] ** 2) ** 0.5
+            self.stress_scale.fill_(max(rms, 1e-4))
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        # A checkpoint from before stress has no stress_scale: keep the default, which no
+        # loss of that checkpoint's training ever read. load_state_dict passes a copy.
+        state_dict.setdefault(f"{prefix}stress_scale", self.stress_scale.clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def fit_force_scale(self, rms: float) -> None:
         super().fit_force_scale(rms)
         self.scale.fill_(max(rms, 1e-3))  # per-atom energies on the force scale
+
+    def stressed(self, pred: TaskPredictions, batch: Any, mask: Tensor) -> Tensor | None:
+        """Structures in ``mask`` with a stress label and a predicted stress, or ``None``."""
+        labelled = getattr(batch, f"{STRESS}_mask", None)
+        if STRESS not in pred or labelled is None:
+            return None
+        rows = mask & labelled
+        return rows if bool(rows.any()) else None
 
     def scored_atoms(self, batch: Any, mask: Tensor) -> Tensor:
         """Atoms whose forces the task learns and scores: those of the structures in ``mask``,
@@ -198,7 +230,12 @@ class ForceHead(EnergyHead):
         kind = config.force_loss or self.task.force_loss
         forces = self.force_loss(pred["forces"][atoms], batch[FORCES][atoms], kind)
         weight = self.task.force_weight if config.force_weight is None else config.force_weight
-        return config.energy_weight * energy + weight * forces
+        total = config.energy_weight * energy + weight * forces
+        rows = self.stressed(pred, batch, mask) if config.stress_weight > 0 else None
+        if rows is None:
+            return total
+        error = (pred[STRESS][rows] - batch[STRESS][rows]) / self.stress_scale
+        return total + config.stress_weight * error.pow(2).mean()
 
     def force_loss(self, pred: Tensor, target: Tensor, kind: ForceLoss = "mse") -> Tensor:
         """``mse``: mean squared component error; ``l2mae``: mean per-atom error norm (both in
@@ -219,6 +256,10 @@ class ForceHead(EnergyHead):
         if self.task.free_atoms_only:
             every = mask[batch.batch]
             sums["mae_all_atoms"] = (error[every].sum(), error[every].numel())
+        rows = self.stressed(pred, batch, mask)
+        if rows is not None:  # eV/Å³, over the six Voigt components
+            stress_error = (pred[STRESS][rows] - batch[STRESS][rows]).abs()
+            sums["stress_mae"] = (stress_error.sum(), stress_error.numel())
         return sums
 
 

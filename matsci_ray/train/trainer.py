@@ -20,6 +20,7 @@ from matsci_ray.data.dataset import open_dataset, sample_rows
 from matsci_ray.data.manifest import read_manifest
 from matsci_ray.data.mixing import epoch_batches
 from matsci_ray.graphs.batching import RadiusGraphTransform
+from matsci_ray.graphs.collate import batch_targets
 from matsci_ray.tasks.registry import TASKS, primary_metric
 from matsci_ray.train.checkpoint import check_resume
 from matsci_ray.train.data_order import (
@@ -40,9 +41,7 @@ CACHE_BLOCK_ROWS = 64
 
 
 def needed_columns(config: ExperimentConfig) -> list[str]:
-    columns = list(GEOMETRY)
-    for name in config.tasks:
-        columns += TASKS[name].columns
+    columns = list(GEOMETRY) + batch_targets(TASKS[name] for name in config.tasks)
     return list(dict.fromkeys(columns))
 
 

@@ -3,8 +3,9 @@
 ``NAME`` is a canonical target (``matsci_ray.keys.TARGETS``); ``KEY`` is where ASE put the
 value: the calculator's stored results (ASE >= 3.23 moves an extxyz ``energy``, ``forces``,
 ``free_energy``, ``stress`` there), else ``atoms.info``, else ``atoms.arrays``. The user
-vouches for units: the value must already be in the target's unit (eV, eV/Å, …); only its
-shape and type are checked here, its range by validation.
+vouches for units: the value must already be in the target's unit (eV, eV/Å, eV/Å³, …); only
+its shape and type are checked here, its range by validation. A ``stress`` may be ASE's 6 Voigt
+components or a 3×3 tensor (extxyz ``stress=`` holds 9 numbers).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from matsci_ray.data.readers.ase_frames import (
 )
 from matsci_ray.data.readers.base import SourceReader
 from matsci_ray.data.record import Record, Reject, WorkUnit
+from matsci_ray.data.units import as_voigt
 
 # The dataset name becomes a directory under the output: no separators, no "..".
 _DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -56,6 +58,10 @@ def convert_target(spec: keys.TargetSpec, value: Any, natoms: int) -> Any:
     if array.dtype.kind not in "biuf":
         raise ValueError(f"not numeric (dtype {array.dtype})")
     kind = spec.kind
+    if kind == "voigt":  # ASE's 6 Voigt components, or a 3×3 tensor
+        if array.dtype.kind == "b":
+            raise ValueError("boolean where a number is expected")
+        return as_voigt(array)
     if kind in ("scalar", "bool", "class"):
         if array.size != 1:
             raise ValueError(f"expected one value, got shape {array.shape}")
