@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from matsci_ray.data.readers import READERS
+from matsci_ray.data.readers import GENERIC, READERS, reader_class
 from matsci_ray.keys import TARGETS
 
 
@@ -31,7 +31,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="NAME=KEY",
-        help=f"generic source: canonical target NAME from ASE key KEY ({', '.join(TARGETS)})",
+        help=(
+            f"canonical target NAME ({', '.join(TARGETS)}) from KEY: an ASE key (generic, "
+            "omat24) or a CSV column (carbon-24, perov-5, mp-20, replacing their defaults)"
+        ),
     )
     p.add_argument("--dataset", help="generic source: data set name (default: generic)")
     p.add_argument(
@@ -57,23 +60,33 @@ def reader_options(args: argparse.Namespace) -> dict[str, Any]:
     from matsci_ray.cli.main import UserError
 
     options: dict[str, Any] = {}
-    if args.source == "generic":
-        if not args.target:
-            raise UserError("the generic source needs at least one --target NAME=KEY")
-        targets = {}
-        for item in args.target:
-            name, sep, key = item.partition("=")
-            if not sep or not name or not key:
-                raise UserError(f"--target {item!r}: expected NAME=KEY")
-            targets[name] = key
-        options["targets"] = targets
-        if args.dataset:
-            options["dataset"] = args.dataset
-    elif args.target or args.dataset:
-        raise UserError("--target and --dataset apply to the generic source only")
+    if args.source == GENERIC and not args.target:
+        raise UserError("the generic source needs at least one --target NAME=KEY")
+    if args.target:
+        if args.source != GENERIC and not getattr(
+            reader_class(args.source), "target_option", False
+        ):
+            raise UserError(f"--target does not apply to the {args.source} source")
+        options["targets"] = _parse_targets(args.target)
+    if args.dataset:
+        if args.source != GENERIC:
+            raise UserError("--dataset applies to the generic source only")
+        options["dataset"] = args.dataset
     if args.chunk_size:
         options["chunk_size"] = args.chunk_size
     return options
+
+
+def _parse_targets(items: list[str]) -> dict[str, str]:
+    from matsci_ray.cli.main import UserError
+
+    targets = {}
+    for item in items:
+        name, sep, key = item.partition("=")
+        if not sep or not name or not key:
+            raise UserError(f"--target {item!r}: expected NAME=KEY")
+        targets[name] = key
+    return targets
 
 
 def run(args: argparse.Namespace) -> int:

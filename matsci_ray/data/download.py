@@ -91,7 +91,12 @@ CATALOGUE: dict[str, dict[str, Archive]] = {
 # verification needs --sha256.
 _LIPS_URL = "https://archive.materialscloud.org/record/file?record_id=1302&filename=lips.xyz"
 CATALOGUE["lips"] = {"all": Archive("lips", "all", _LIPS_URL, "lips.xyz", None)}
-DEFAULT_SPLITS = {"oc20-s2ef": "200k", "oc20-is2re": "all", "lips": "all"}
+# MPtrj: figshare article 23713842 (Deng et al., CHGNet), file 41619375. Figshare shows no
+# checksum beside the file and none is published elsewhere that we found, so, as for LiPS,
+# verification needs --sha256 (a first download prints the digest to pin).
+_MPTRJ_URL = "https://figshare.com/ndownloader/files/41619375"
+CATALOGUE["mptrj"] = {"all": Archive("mptrj", "all", _MPTRJ_URL, "MPtrj_2022.9_full.json", None)}
+DEFAULT_SPLITS = {"oc20-s2ef": "200k", "oc20-is2re": "all", "lips": "all", "mptrj": "all"}
 
 
 def file_digest(path: Path, algorithm: str) -> str:

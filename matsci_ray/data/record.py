@@ -31,6 +31,7 @@ class Record:
     targets: dict[str, Any] = field(default_factory=dict)
     group: str | None = None  # split unit; defaults to sample_id
     material_id: str | None = None  # Materials Project id, for the paper's split
+    split: str | None = None  # a split the source itself defines (CDVAE's train/val/test files)
     source_file: str = ""
     source_key: str = ""
 

@@ -89,6 +89,31 @@ DATASETS: Registry[DatasetSpec] = Registry(
             energy_task="cmd-formation-energy",
             samples=("matsciml-devsets/carolina_db/data.lmdb",),
         ),
+        DatasetSpec(
+            "carbon-24",
+            "matsci_ray.data.readers.cdvae_csv:Carbon24Reader",
+            energy_task="carbon24-energy",
+        ),
+        DatasetSpec(
+            "perov-5",
+            "matsci_ray.data.readers.cdvae_csv:Perov5Reader",
+            energy_task="perov5-formation-energy",
+        ),
+        DatasetSpec(
+            "mp-20",
+            "matsci_ray.data.readers.cdvae_csv:MP20Reader",
+            energy_task="mp20-formation-energy",
+        ),
+        DatasetSpec(
+            "omat24",
+            "matsci_ray.data.readers.aselmdb:AseLmdbReader",
+            energy_task="omat24-forces",
+        ),
+        DatasetSpec(
+            "mptrj",
+            "matsci_ray.data.readers.mptrj:MPtrjReader",
+            energy_task="mptrj-forces",
+        ),
     ],
     check=_check,
 )

@@ -134,7 +134,10 @@ def ingest_unit(
             rejects.append(item)
             continue
         seen_ids.add(item.sample_id)
-        split, how = splitter(item.group or item.sample_id, item.material_id)
+        if item.split is not None:  # the source's own split wins over ids and hashing
+            split, how = item.split, "source"
+        else:
+            split, how = splitter(item.group or item.sample_id, item.material_id)
         split_how[how] += 1
         if split not in writers:
             writers[split] = _SplitWriter(

@@ -183,6 +183,46 @@ TASKS: dict[str, TaskSpec] = {
             "accuracy",
             "Materials Project space group (230 classes)",
         ),
+        _row(
+            "carbon24-energy",
+            "carbon-24",
+            K.ENERGY,
+            "regression",
+            "mse",
+            "Carbon-24 total DFT energy (the CSV's energy per atom times the atom count)",
+        ),
+        _row(
+            "perov5-formation-energy",
+            "perov-5",
+            K.FORMATION_ENERGY,
+            "regression",
+            "mse",
+            "Perov-5 heat of formation per atom (heat_ref, eV per 5-atom cell, over 5)",
+        ),
+        _row(
+            "mp20-formation-energy",
+            "mp-20",
+            K.FORMATION_ENERGY,
+            "regression",
+            "mse",
+            "MP-20 formation energy per atom",
+        ),
+        _row(
+            "omat24-forces",
+            "omat24",
+            K.FORCES,
+            "forces",
+            "mae",
+            "OMat24 (fairchem ASE-LMDB) total energy and forces, −∂E/∂r",
+        ),
+        _row(
+            "mptrj-forces",
+            "mptrj",
+            K.FORCES,
+            "forces",
+            "mae",
+            "MPtrj MP2020-corrected total energy and forces, −∂E/∂r",
+        ),
     )
 }
 
