@@ -19,10 +19,12 @@ from pydantic import (
     Field,
     GetJsonSchemaHandler,
     Strict,
+    StrictInt,
     ValidationError,
     ValidationInfo,
     create_model,
     field_validator,
+    model_validator,
 )
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, InitErrorDetails, PydanticCustomError
@@ -224,7 +226,30 @@ class OptimConfig(_Strict):
 
 
 class RunConfig(_Strict):
-    num_workers: int = Field(2, gt=0)
+    num_workers: StrictInt | tuple[StrictInt, StrictInt] = Field(
+        2,
+        description="Ray Train workers: N (a fixed size; a lost worker is waited for), or "
+        "[MIN, MAX] (elastic: starts with what is free, at least MIN, goes on with fewer "
+        "when a node is lost and grows back to MAX when nodes join; the global batch stays "
+        "data.batch_size x MAX)",
+    )
+    placement: Literal["pack", "spread"] = Field(
+        "pack",
+        description="pack: workers on as few nodes as hold them; spread: on different nodes "
+        "where there are enough (Ray's PACK and SPREAD placement strategies)",
+    )
+    elastic_resize_interval_s: float = Field(
+        60.0,
+        ge=0,
+        description="elastic runs: how often a running run checks whether more workers fit "
+        "(growing restarts the workers from the latest checkpoint)",
+    )
+    checkpoint_every_steps: int | None = Field(
+        None,
+        gt=0,
+        description="also checkpoint every N optimiser steps (counted over the whole run), "
+        "besides every epoch; a restart or --resume continues the epoch from there",
+    )
     cpus_per_worker: float = Field(0.5, gt=0)
     use_gpu: bool = False
     storage: Path = Path("runs/results")
@@ -241,6 +266,33 @@ class RunConfig(_Strict):
     seed: int = 42
     threads_per_worker: int | None = Field(None, gt=0, description="torch intra-op threads")
     fail_at_epoch: int | None = Field(None, description="testing: kill rank 0 once at this epoch")
+    fail_at_step: int | None = Field(
+        None, description="testing: kill rank 0 once after this step's step checkpoint"
+    )
+
+    @field_validator("num_workers")
+    @classmethod
+    def _worker_range(cls, workers: int | tuple[int, int]) -> int | tuple[int, int]:
+        low, high = (workers, workers) if isinstance(workers, int) else workers
+        if low < 1:
+            raise ValueError("must be at least 1 worker (a count N, or a range [MIN, MAX])")
+        if low > high:
+            raise ValueError(f"MIN {low} exceeds MAX {high} in [MIN, MAX]")
+        return workers
+
+    @property
+    def min_workers(self) -> int:
+        """The fewest workers a run trains with (``num_workers`` when it is a count)."""
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers a run trains with: the size the global batch is defined at."""
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+
+    @property
+    def elastic(self) -> bool:
+        return not isinstance(self.num_workers, int)
 
 
 class ExperimentConfig(_Strict):

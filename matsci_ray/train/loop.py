@@ -1,11 +1,27 @@
 """The per-worker training loop run by Ray Train's ``TorchTrainer`` (DDP: gloo on CPU, NCCL on GPU).
 
 Each epoch (:func:`run_epoch`): stream this worker's shard of the graph dataset, step the
-optimiser, score the validation sets (:func:`validate`), then write TensorBoard events and
-report metrics with a checkpoint (:func:`report`). Restarts (``FailureConfig``) and
-``--resume`` start from the last checkpoint's epoch with optimiser and scheduler state, and
-each epoch reads its data in the order an uninterrupted run gives it
-(:mod:`matsci_ray.train.data_order`).
+optimiser, score this worker's shard of the validation sets (:func:`validate`), then write
+TensorBoard events and report metrics with a checkpoint (:func:`report`). Restarts
+(``FailureConfig``), elastic resizes and ``--resume`` start from the last checkpoint with
+optimiser and scheduler state, and each epoch reads its data in the order an uninterrupted
+run gives it (:mod:`matsci_ray.train.data_order`).
+
+The global batch, the structures per optimiser step, is ``data.batch_size`` x the largest
+world size (``run.num_workers``, or MAX of ``[MIN, MAX]``); a group of ``w`` workers gives
+each worker ``ceil(global / w)`` structures per step (:func:`worker_batch_size`), so the
+steps per epoch, the learning-rate schedule and the data seen per step do not depend on how
+many workers there are (the global batch rounds up to a multiple of ``w`` when ``w`` does
+not divide it: at most ``w - 1`` structures more). DDP averages the workers' gradients, each
+the mean over its equal share, and PCGrad all-reduces per-task gradients the same way.
+
+A checkpoint written mid-epoch (``run.checkpoint_every_steps``) records the steps already
+taken in its epoch; the run that continues from it re-reads that epoch in the same seeded
+order and skips as many batches (of the current world size) as were trained, so it trains
+the epoch's remaining steps and the schedule goes on at the checkpoint's step. With one
+worker the rows are the very ones an uninterrupted run would train; with several, Ray
+Data's split deals rows to workers as they ask, so the rows skipped are as many as were
+trained, not necessarily the same ones.
 """
 
 from __future__ import annotations
@@ -54,6 +70,7 @@ class TrainState:
     rank: int
     world: int
     device: torch.device
+    batch_size: int  # structures per step on this worker, its share of the global batch
     epoch: int = 0  # epochs trained
     best: float | None = None  # the best primary metric so far
     stale: int = 0  # epochs since it improved
@@ -62,8 +79,8 @@ class TrainState:
 
 @dataclass
 class EpochData:
-    """Per data set: this worker's training shard, the whole validation set, and the
-    training records behind the mixing weights."""
+    """Per data set: this worker's training and validation shards, and the training
+    records behind the mixing weights."""
 
     train: dict[str, Any]
     val: dict[str, Any]
@@ -111,6 +128,7 @@ def start(loop_config: dict[str, Any]) -> TrainState:
     )
     _, higher = primary_metric(config.tasks)
     scheduler = Schedule(optimizer, config.optim, loop_config["steps_per_epoch"], higher)
+    world = ctx.get_world_size()
     state = TrainState(
         config=config,
         core=core,
@@ -118,12 +136,19 @@ def start(loop_config: dict[str, Any]) -> TrainState:
         optimizer=optimizer,
         scheduler=scheduler,
         rank=ctx.get_world_rank(),
-        world=ctx.get_world_size(),
+        world=world,
         device=ray.train.torch.get_device(),
+        batch_size=worker_batch_size(config, world),
     )
     _restore(state, loop_config)
     state.model = _prepare(core, config)
     return state
+
+
+def worker_batch_size(config: ExperimentConfig, world: int) -> int:
+    """Each of ``world`` workers' share of the global batch (``data.batch_size`` x the
+    largest world size), rounded up."""
+    return -(-config.data.batch_size * config.run.max_workers // world)
 
 
 def run_epoch(state: TrainState, data: EpochData) -> dict[str, float]:
@@ -139,6 +164,8 @@ def run_epoch(state: TrainState, data: EpochData) -> dict[str, float]:
     state.scheduler.step_epoch(metrics.get(key, float("nan")))
     _early_stopping(state, metrics.get(key, float("nan")))
     metrics["epoch"] = state.epoch
+    metrics["step"] = state.scheduler.steps
+    metrics["workers"] = state.world
     metrics["lr"] = state.scheduler.lr  # what the next step uses: after this epoch's plateau cut
     metrics["best_score"] = state.best
     metrics["time/report_s"] = state.report_s  # the previous epoch's checkpoint + report
@@ -154,9 +181,18 @@ def train_epoch(state: TrainState, data: EpochData) -> dict[str, float]:
     sums = MetricSums(core)
     epoch_start = wait = time.monotonic()
     waited, samples = 0.0, 0
-    for rows in train_batches(
-        config, data.train, data.sizes, state.world, state.epoch, state.rank, data.order_file
-    ):
+    trained = state.scheduler.steps_in_epoch  # > 0 when resumed from a mid-epoch checkpoint
+    batches = train_batches(
+        config,
+        data.train,
+        data.sizes,
+        state.batch_size,
+        state.world,
+        state.epoch,
+        state.rank,
+        data.order_file,
+    )
+    for rows in itertools.islice(batches, trained, None):
         batch = collate(rows, targets, core.datasets).to(state.device)
         waited += time.monotonic() - wait
         preds = state.model(batch)
@@ -166,6 +202,7 @@ def train_epoch(state: TrainState, data: EpochData) -> dict[str, float]:
             sums.add_loss(name, float(loss.detach()), batch.num_graphs)
         sums.update(preds, batch)
         samples += batch.num_graphs
+        _maybe_checkpoint_step(state)
         wait = time.monotonic()
     elapsed = time.monotonic() - epoch_start
     return {
@@ -177,23 +214,33 @@ def train_epoch(state: TrainState, data: EpochData) -> dict[str, float]:
 
 
 def validate(state: TrainState, data: EpochData) -> dict[str, float]:
-    """Exact ``val/`` metrics: rank 0 scores every (unsplit) validation set and broadcasts
-    them, so no row is dropped to even out worker shards."""
-    metrics: list[dict[str, float] | None] = [None]
-    if state.rank == 0:
-        batch_size = state.config.data.batch_size
-        rows = itertools.chain.from_iterable(
-            shard.iter_batches(batch_size=batch_size, batch_format="numpy")
-            for shard in data.val.values()
-        )
-        metrics[0] = score(state.core, rows, state.device)
-    if dist.is_available() and dist.is_initialized():
-        dist.broadcast_object_list(metrics, src=0)
-    return {f"val/{k}": v for k, v in (metrics[0] or {}).items()}
+    """Exact ``val/`` metrics: each worker scores its shard of every validation set (split
+    unevenly, so no row is dropped; a shard may be empty) and the sums and counts are
+    all-reduced, the same figures on every rank."""
+    rows = itertools.chain.from_iterable(
+        shard.iter_batches(batch_size=state.config.data.batch_size, batch_format="numpy")
+        for shard in data.val.values()
+    )
+    metrics = score(state.core, rows, state.device, distributed=True)
+    return {f"val/{k}": v for k, v in metrics.items()}
+
+
+def _maybe_checkpoint_step(state: TrainState) -> None:
+    """Every ``run.checkpoint_every_steps`` optimiser steps (on every rank at once: the step
+    counts are the same), report a mid-epoch checkpoint. Its metrics hold the primary
+    metric as NaN, which Ray ranks below every scored checkpoint."""
+    every, steps = state.config.run.checkpoint_every_steps, state.scheduler.steps
+    if not every or steps % every:
+        return
+    key, _ = primary_metric(state.config.tasks)
+    metrics = {"epoch": state.epoch, "step": steps, "workers": state.world, key: math.nan}
+    report(state, {**metrics, "lr": state.scheduler.lr})
+    _maybe_fail_at_step(state.config, steps, state.rank)
 
 
 def report(state: TrainState, metrics: dict[str, float]) -> None:
-    """Report the epoch's metrics to Ray Train, with rank 0's checkpoint."""
+    """Report metrics to Ray Train, with rank 0's checkpoint (at an epoch's end, or mid-epoch
+    with the steps taken in the epoch: the schedule's state holds them)."""
     report_start = time.monotonic()
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
@@ -257,26 +304,43 @@ def _should_stop(state: TrainState, started: float) -> bool:
 
 def _maybe_fail(config: ExperimentConfig, epoch: int, rank: int) -> None:
     """Testing hook: rank 0 dies (once per run directory) at ``run.fail_at_epoch``."""
-    if config.run.fail_at_epoch != epoch or rank != 0:
+    if config.run.fail_at_epoch == epoch and rank == 0:
+        _die_once(config, f".failed-at-{epoch}")
+
+
+def _maybe_fail_at_step(config: ExperimentConfig, step: int, rank: int) -> None:
+    """Testing hook: rank 0 dies (once per run directory) after reporting the checkpoint of
+    step ``run.fail_at_step``, once the controller has had time to collect that report (it
+    polls every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``; a report still queued in a dead
+    worker is lost, as it would be on a lost node)."""
+    if config.run.fail_at_step == step and rank == 0:
+        _die_once(config, f".failed-at-step-{step}", after_s=3.0)
+
+
+def _die_once(config: ExperimentConfig, marker_name: str, after_s: float = 0.0) -> None:
+    """Exit this worker at once, unless the run directory's ``marker_name`` says it did."""
+    marker = config.run.storage / config.name / marker_name
+    if marker.exists():
         return
-    marker = config.run.storage / config.name / f".failed-at-{epoch}"
-    if not marker.exists():
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.touch()
-        os._exit(1)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    time.sleep(after_s)
+    os._exit(1)
 
 
 def train_batches(
     config: ExperimentConfig,
     shards: dict[str, Any],
     sizes: dict[str, int],
+    batch_size: int,
     world_size: int,
     epoch: int = 0,
     rank: int = 0,
     order_file: str | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """One epoch of row batches: a single data set streams directly; several are interleaved
-    by the mixing schedule so that no data set starves.
+    """One epoch of row batches of ``batch_size`` rows (this worker's share of the global
+    batch): a single data set streams directly; several are interleaved by the mixing
+    schedule so that no data set starves.
 
     Each pass over a data set is ordered by ``(run seed, epoch, pass)`` alone: rank 0
     announces it in ``order_file`` for the split's coordinator, and the local shuffle buffer
@@ -293,7 +357,7 @@ def train_batches(
                 announce(order_file, name, epoch, index)
             return iter(
                 shard.iter_batches(
-                    batch_size=config.data.batch_size,
+                    batch_size=batch_size,
                     batch_format="numpy",
                     local_shuffle_buffer_size=buffer,
                     local_shuffle_seed=order_seed(config.run.seed, epoch, index, rank)
@@ -312,8 +376,8 @@ def train_batches(
         MixedBatches(
             {name: passes(name, shard) for name, shard in shards.items()},
             weights,
-            config.data.batch_size,
-            epoch_batches(sizes, config.data.batch_size, world_size),
+            batch_size,
+            epoch_batches(sizes, batch_size, world_size),
         )
     )
 
@@ -351,18 +415,23 @@ def _restore(state: TrainState, loop_config: dict[str, Any]) -> None:
         latest = max(range(len(states)), key=lambda i: int(states[i]["epoch"]))  # Ray's on a tie
         restored = load_training_state(states[latest], state.core, state.optimizer, state.scheduler)
     state.epoch, state.best, state.stale = restored
-    if state.rank == 0 and resume is not None and candidates[latest] == Path(resume):
-        _carry_history(state.config, Path(resume), state.epoch)
+    if state.rank == 0:
+        resumed = resume is not None and candidates[latest] == Path(resume)
+        _settle_history(state.config, Path(resume) if resumed else None, state.epoch)
 
 
-def _carry_history(config: ExperimentConfig, checkpoint: Path, epoch: int) -> None:
-    """A run resumed under a new name starts its ``history.jsonl`` with the source run's
-    epochs up to the checkpoint's, so its learning curve holds every epoch once."""
-    source = checkpoint.parent / HISTORY
+def _settle_history(config: ExperimentConfig, resumed: Path | None, epoch: int) -> None:
+    """Make ``history.jsonl`` hold epochs 1 to ``epoch`` once each, before the run goes on
+    from a checkpoint of ``epoch``: a run resumed under a new name starts it with the source
+    run's epochs (``resumed``: the checkpoint it resumes), and a restart drops any epoch
+    logged after its checkpoint (a worker lost between logging an epoch and reporting it)."""
     target = config.run.storage / config.name / HISTORY
-    if target.exists() or not source.is_file():
+    source = target if target.exists() or resumed is None else resumed.parent / HISTORY
+    if not source.is_file():
         return
     rows = [line for line in source.read_text().splitlines() if line.strip()]
     kept = [line for line in rows if json.loads(line).get("epoch", 0) <= epoch]
+    if source == target and len(kept) == len(rows):
+        return
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text("".join(f"{line}\n" for line in kept))

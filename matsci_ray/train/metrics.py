@@ -3,7 +3,8 @@
 on the structures its task scores.
 
 Metric sums are accumulated per worker and all-reduced, so a metric over 2 workers equals the
-metric over the same data on 1 worker.
+metric over the same data on 1 worker: each worker may score a different number of rows (a
+validation shard), none at all, or rows of other tasks only.
 """
 
 from __future__ import annotations
@@ -61,10 +62,14 @@ class MetricSums:
         self._add(f"{name}/loss", torch.tensor(loss * count), count)
 
     def compute(self, prefix: str = "") -> dict[str, float]:
-        """Means over every worker's sums (all-reduced when torch.distributed is up)."""
-        keys = sorted(self.sums)
-        values = torch.tensor([self.sums[k] for k in keys], dtype=torch.float64).reshape(-1, 2)
-        if self.distributed and dist.is_available() and dist.is_initialized():
+        """Means over every worker's sums (all-reduced when torch.distributed is up). Every
+        worker must call it: the keys are gathered first, since a worker that saw no row of
+        a task (or no row at all) has no sums for it, and the all-reduce needs one layout."""
+        distributed = self.distributed and dist.is_available() and dist.is_initialized()
+        keys = _all_keys(self.sums) if distributed else sorted(self.sums)
+        rows = [self.sums.get(k, [0.0, 0.0]) for k in keys]
+        values = torch.tensor(rows, dtype=torch.float64).reshape(-1, 2)
+        if distributed:
             dist.all_reduce(values)
         return {
             f"{prefix}{k}": float(v[0] / v[1]) if v[1] else float("nan")
@@ -72,14 +77,24 @@ class MetricSums:
         }
 
 
+def _all_keys(sums: dict[str, list[float]]) -> list[str]:
+    """The sorted union of every worker's metric keys."""
+    gathered: list[list[str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, sorted(sums))
+    return sorted({key for keys in gathered for key in keys or []})
+
+
 def score(
-    model: MatSciModel, row_batches: Iterable[dict[str, Any]], device: torch.device | None = None
+    model: MatSciModel,
+    row_batches: Iterable[dict[str, Any]],
+    device: torch.device | None = None,
+    distributed: bool = False,
 ) -> dict[str, float]:
-    """Every task's metrics over Ray Data row batches (numpy format), ``model`` in eval mode;
-    this process's sums alone."""
+    """Every task's metrics over Ray Data row batches (numpy format), ``model`` in eval mode:
+    this process's sums alone, or (``distributed``) every worker's, each scoring its shard."""
     model.eval()
     targets = batch_targets(model.tasks.values())
-    sums = MetricSums(model, distributed=False)
+    sums = MetricSums(model, distributed=distributed)
     for rows in row_batches:
         batch = collate(rows, targets, model.datasets)
         if device is not None:

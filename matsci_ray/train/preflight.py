@@ -11,7 +11,8 @@ by ``matsci-ray train``, the job entrypoints and every Tune trial) instead:
   (each worker on one node; an autoscaler's node types count) is a :class:`ResourceError` at
   once, and so is one that leaves Ray Data no CPU to read and build graphs with; one that
   fits but is not free now (other jobs, nodes still starting) waits, saying for what, and
-  gives up after ``run.resource_timeout_s``;
+  gives up after ``run.resource_timeout_s``. An elastic run (``run.num_workers: [MIN, MAX]``)
+  needs room for MIN workers, and Ray Data needs room beside as many as fit up to MAX;
 - adds :class:`StopOnUserError` to the run's callbacks: a :class:`MatSciError` raised in a
   worker (a config or data error) ends the run at once instead of being retried.
 """
@@ -46,6 +47,9 @@ QUIET_WAIT_S = 5.0
 MIN_PROBE_S = 1.0
 # An autoscaler node type without a maximum count.
 UNBOUNDED = 1 << 30
+# run.placement -> Ray's placement-group strategy. SPREAD is best effort: workers share a node
+# only when too few nodes are free, which an elastic run needs to place what it can.
+PLACEMENT = {"pack": "PACK", "spread": "SPREAD"}
 # Ray accounts resources in steps of 1e-4: a 0.5-CPU worker fits 4 times on 2 CPUs exactly.
 _EPS = 1e-6
 
@@ -100,14 +104,15 @@ def check_resources(config: ExperimentConfig) -> None:
     trials hold CPUs in turn and Tune and Ray Train queue a trial until they are free, so
     waiting on them here would fail trials that would have run.
     """
-    bundle, count = worker_bundle(config), config.run.num_workers
+    bundle, count = worker_bundle(config), config.run.min_workers
     nodes, groups = node_capacities(), autoscaler_nodes()
     fit = max(workers_that_fit(bundle, nodes), autoscaler_fit(bundle, groups))
     if fit < count:
         raise ResourceError(f"{describe(count, bundle)}; {describe_cluster(bundle, nodes, fit)}")
-    check_room_for_data(config, cluster_cpus(nodes, groups))
+    check_room_for_data(config, cluster_cpus(nodes, groups), min(fit, config.run.max_workers))
     if not _inside_actor():
-        wait_until_free(count, bundle, config.run.resource_timeout_s, nodes)
+        strategy = PLACEMENT[config.run.placement]
+        wait_until_free(count, bundle, config.run.resource_timeout_s, nodes, strategy)
 
 
 def node_capacities() -> list[dict[str, float]]:
@@ -173,12 +178,13 @@ def cluster_cpus(
     return max(now, sum(node.get("CPU", 0.0) * count for node, count in groups))
 
 
-def check_room_for_data(config: ExperimentConfig, total: float) -> None:
-    """Ray Data's read and graph tasks (``data.task_cpus`` each) run beside the workers, on
-    what they leave of the cluster's ``total`` CPUs: with less than one task's share left,
-    Ray Data starts no task and the workers wait for their first batch for ever (cached
-    graphs too)."""
-    workers = config.run.num_workers * config.run.cpus_per_worker
+def check_room_for_data(config: ExperimentConfig, total: float, count: int | None = None) -> None:
+    """Ray Data's read and graph tasks (``data.task_cpus`` each) run beside the ``count``
+    workers (default: the most the run asks for), on what they leave of the cluster's
+    ``total`` CPUs: with less than one task's share left, Ray Data starts no task and the
+    workers wait for their first batch for ever (cached graphs too)."""
+    count = config.run.max_workers if count is None else count
+    workers = count * config.run.cpus_per_worker
     if total - workers + _EPS < config.data.task_cpus:
         raise ResourceError(
             f"run.num_workers x run.cpus_per_worker = {workers:g} CPU leaves {total - workers:g} "
@@ -189,11 +195,15 @@ def check_room_for_data(config: ExperimentConfig, total: float) -> None:
 
 
 def wait_until_free(
-    count: int, bundle: dict[str, float], timeout_s: float, nodes: list[dict[str, float]]
+    count: int,
+    bundle: dict[str, float],
+    timeout_s: float,
+    nodes: list[dict[str, float]],
+    strategy: str = "PACK",
 ) -> None:
-    """Reserve the workers' resources the way Ray Train does (a placement group packed onto
-    as few nodes as fit), release them at once, and give up after ``timeout_s``."""
-    group = placement_group([dict(bundle)] * count, strategy="PACK")
+    """Reserve the workers' resources the way Ray Train does (a placement group of the
+    run's strategy), release them at once, and give up after ``timeout_s``."""
+    group = placement_group([dict(bundle)] * count, strategy=strategy)
     started = time.monotonic()
     try:
         if group.wait(timeout_seconds=max(min(QUIET_WAIT_S, timeout_s / 2), MIN_PROBE_S)):

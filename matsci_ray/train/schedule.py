@@ -11,7 +11,10 @@ Two clocks drive the learning rate:
   during warm-up would be rescaled by the warm-up's own multiplicative steps).
 
 Every rank computes the same schedule: the step clock counts the same optimiser steps, and the
-validation metrics are rank 0's, broadcast to every rank (``loop.validate``).
+validation metrics are all-reduced, the same on every rank (``loop.validate``). The clock
+counts global steps (each of the global batch, whatever the world size), so an elastic run
+that shrinks or grows continues the same schedule; the plan's steps per epoch are those at
+the largest world size (``trainer.build_trainer``).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class Schedule:
             group.setdefault("initial_lr", group["lr"])
         self.total = max(optim.epochs * steps_per_epoch, 1)
         self.steps = 0  # optimiser steps taken, whatever the scheduler
+        self.epoch_start = 0  # ``steps`` when the current epoch began
         self.per_step, self.horizon = self._per_step()
         self.higher_is_better = higher_is_better
         self.plateau = self._plateau() if optim.scheduler == "plateau" else None
@@ -101,9 +105,16 @@ class Schedule:
             self.per_step.step()
         self.steps += 1
 
+    @property
+    def steps_in_epoch(self) -> int:
+        """Optimiser steps already taken in the current epoch (non-zero only in a checkpoint
+        written mid-epoch, ``run.checkpoint_every_steps``)."""
+        return self.steps - self.epoch_start
+
     def step_epoch(self, score: float) -> None:
         """After validation, with the epoch's primary metric. A NaN score (a diverged model)
         counts as an epoch without gain, as torch counts it."""
+        self.epoch_start = self.steps
         if self.plateau is None or self.steps < self.optim.warmup_steps:
             return
         self.plateau.step(score)
@@ -125,6 +136,7 @@ class Schedule:
             "version": STATE_VERSION,
             "plan": self._plan(),
             "steps": self.steps,
+            "epoch_start": self.epoch_start,
             "per_step": self.per_step.state_dict() if self.per_step is not None else None,
             "plateau": self.plateau.state_dict() if self.plateau is not None else None,
         }
@@ -137,6 +149,10 @@ class Schedule:
         before this module (a ``LambdaLR`` of the same per-step values, its step count in
         ``last_epoch``) continues the current plan at the checkpoint's step count, as if it
         had been used from the start; plateau's count and cuts then start afresh."""
+        self._load_steps(state)
+        self.epoch_start = int(state.get("epoch_start", self.steps))  # older: epoch ends only
+
+    def _load_steps(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION or state.get("plan") != self._plan():
             self._replay(int(state.get("steps", state.get("last_epoch", 0))))
             return

@@ -30,7 +30,7 @@ from matsci_ray.train.data_order import (
     randomize_blocks_by_epoch,
 )
 from matsci_ray.train.loop import train_loop_per_worker
-from matsci_ray.train.preflight import prepare_run
+from matsci_ray.train.preflight import PLACEMENT, prepare_run, worker_bundle
 
 GEOMETRY = [K.DATASET, K.SAMPLE_ID, K.ATOMIC_NUMBERS, K.POSITIONS, K.CELL, K.PBC, K.NATOMS]
 # Atoms per graph-building batch: each batch pays a fixed cost (Arrow conversion, task
@@ -183,13 +183,12 @@ def build_trainer(
             train = cached_epochs(train, config.run.seed, order)
         val = graph_dataset(config, name, config.data.val_split)
         if should_cache(config, splits.get(config.data.val_split, {})):
-            val = val.materialize()
+            # in blocks the workers' validation shards are dealt in
+            val = val.repartition(target_num_rows_per_block=CACHE_BLOCK_ROWS).materialize()
         datasets[f"train:{name}"], datasets[f"val:{name}"] = train, val
         sizes[name] = count
-    steps = epoch_batches(sizes, config.data.batch_size, config.run.num_workers)
-    resources = {"CPU": config.run.cpus_per_worker}
-    if config.run.use_gpu:
-        resources["GPU"] = 1
+    # the schedule's plan: global steps, of data.batch_size per worker at the largest size
+    steps = epoch_batches(sizes, config.data.batch_size, config.run.max_workers)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -199,11 +198,7 @@ def build_trainer(
             "resume_from": str(Path(resume_from).resolve()) if resume_from else None,
             "order_file": order_file(config),
         },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=config.run.num_workers,
-            use_gpu=config.run.use_gpu,
-            resources_per_worker=resources,
-        ),
+        scaling_config=scaling_config(config),
         run_config=ray.train.RunConfig(
             name=config.name,
             storage_path=str(config.run.storage),
@@ -212,8 +207,49 @@ def build_trainer(
             callbacks=callbacks,
         ),
         datasets=datasets,
-        # validation is scored whole on rank 0 (see loop.validate): only train is split
-        dataset_config=ray.train.DataConfig(
-            datasets_to_split=[k for k in datasets if k.startswith("train:")]
-        ),
+        dataset_config=ShardedValidation(),
     )
+
+
+def scaling_config(config: ExperimentConfig) -> ray.train.ScalingConfig:
+    """A fixed worker count, or an elastic ``(MIN, MAX)`` range, placed packed or spread."""
+    return ray.train.ScalingConfig(
+        num_workers=tuple(config.run.num_workers) if config.run.elastic else config.run.num_workers,
+        use_gpu=config.run.use_gpu,
+        resources_per_worker=worker_bundle(config),
+        placement_strategy=PLACEMENT[config.run.placement],
+        elastic_resize_monitor_interval_s=config.run.elastic_resize_interval_s,
+    )
+
+
+class ShardedValidation(ray.train.DataConfig):
+    """Every ``train:`` data set split equally among the workers (DDP needs the same number
+    of steps on each, so Ray drops up to ``world - 1`` rows per epoch), every ``val:`` one
+    split unequally: each row is scored by exactly one worker, and a worker's shard may be
+    empty (``loop.validate`` all-reduces sums and counts)."""
+
+    def configure(
+        self,
+        datasets: dict[str, ray.data.Dataset],
+        world_size: int,
+        worker_handles: Any,
+        worker_node_ids: Any,
+        **kwargs: Any,
+    ) -> list[dict[str, Any]]:
+        train = {k: v for k, v in datasets.items() if not k.startswith("val:")}
+        shards = super().configure(train, world_size, worker_handles, worker_node_ids, **kwargs)
+        hints = worker_node_ids if self._enable_shard_locality else None
+        for name, ds in datasets.items():
+            if name in train:
+                continue
+            ds = ds.copy(ds)
+            ds.set_name(name)
+            # Ray's own per-dataset options (as DataConfig.configure applies them)
+            ds.context.execution_options = self._resolve_execution_options(name)
+            for shard, split in zip(
+                shards,
+                ds.streaming_split(world_size, equal=False, locality_hints=hints),
+                strict=True,
+            ):
+                shard[name] = split
+        return shards
