@@ -409,6 +409,12 @@ class StudyConfig(_Strict):
     dataset_pairs: list[tuple[str, str]] | None = Field(None, description="default: 4 pairs")
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     max_concurrent_trials: int = Field(1, gt=0)
+    seeds: list[StrictInt] | None = Field(
+        None,
+        min_length=1,
+        description="run seeds: every cell of a grid is trained once per seed (its trials' "
+        "mean, sd and n fill the tables); default [base.run.seed]. A sweep takes one seed",
+    )
 
     @field_validator("tasks")
     @classmethod
@@ -417,6 +423,27 @@ class StudyConfig(_Strict):
         if unknown:
             raise ValueError(f"unknown task(s) {unknown}; choose from {sorted(TASKS)}")
         return tasks
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, seeds: list[int] | None, info: ValidationInfo) -> list[int] | None:
+        listed = seeds or []
+        repeated = sorted({s for s in listed if listed.count(s) > 1})
+        if repeated:  # a repeated seed would be the same run twice, under one run name
+            raise ValueError(f"seed(s) {repeated} listed twice")
+        # Optuna samples each point once: repeating points per seed would need a searcher
+        # of its own, so a sweep's seed spread is measured by running it again
+        if info.data.get("family") == "sweep" and len(listed) > 1:
+            raise ValueError("a sweep takes one seed; run it again for another")
+        return seeds
+
+    @model_validator(mode="after")
+    def _default_seed(self) -> StudyConfig:
+        if self.seeds is None:
+            self.seeds = [self.base.run.seed]
+        elif self.family == "sweep":  # its trials and its searcher run with the one seed
+            self.base.run.seed = self.seeds[0]
+        return self
 
 
 def load_study(path: Path | str) -> StudyConfig:

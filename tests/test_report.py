@@ -16,7 +16,7 @@ import pytest
 
 from matsci_ray.cli import report as report_cli
 from matsci_ray.report import load_trials
-from matsci_ray.report.tables import build_tables, write_tables
+from matsci_ray.report.tables import NOISE_UNKNOWN, build_tables, write_tables
 from matsci_ray.tasks.registry import TASKS
 from matsci_ray.train.checkpoint import save_checkpoint
 from tests.samples import ingest_in_process, tiny_model
@@ -138,7 +138,7 @@ def _csv(path: Path) -> list[dict[str, str]]:
 
 
 def _cell(rows: list[dict[str, str]], trial_id: str, task: str) -> dict[str, str]:
-    (row,) = [r for r in rows if r["trial_id"] == trial_id and r["task"] == task]
+    (row,) = [r for r in rows if r["trial_ids"] == trial_id and r["task"] == task]
     return row
 
 
@@ -160,42 +160,45 @@ def test_tables_hold_the_trials_numbers_exactly(results: Path, tmp_path: Path) -
         if key == "leaderboard":
             continue
         for row in _csv(path):
-            if row["value"]:
-                reported = by_id[row["trial_id"]].metrics[f"val/{row['task']}/{row['metric']}"]
-                assert float(row["value"]) == reported, row
+            if row["mean"]:  # one run per cell here: its mean is its value, and no sd
+                reported = by_id[row["trial_ids"]].metrics[f"val/{row['task']}/{row['metric']}"]
+                assert float(row["mean"]) == reported and row["sd"] == "", row
+                assert row["n"] == "1", row
 
     table3 = _csv(paths["table-3"])
     best = [r for r in table3 if r["task"] == BG and r["model"] == "egnn"]
-    assert [(r["trial_id"], r["n_trials"]) for r in best] == [("st-bg-egnn-a", "2")]
-    assert float(_cell(table3, "st-bg-megnet", BG)["value"]) == 0.123456789
-    assert float(_cell(table3, "fermi", EF)["value"]) == 0.987654321
+    # two trials without a recorded seed: two configurations, the better one shown
+    assert [(r["trial_ids"], r["best_of"]) for r in best] == [("st-bg-egnn-a", "2")]
+    assert float(_cell(table3, "st-bg-megnet", BG)["mean"]) == 0.123456789
+    assert float(_cell(table3, "fermi", EF)["mean"]) == 0.987654321
     assert _cell(table3, "fermi", EF)["unit"] == "(eV)²"
     markdown = paths["leaderboard"].read_text()
     assert "| 0.1235 |" in markdown and "0.9877" in markdown  # 4 significant digits
 
 
-def test_deltas_and_helped_hurt(results: Path, tmp_path: Path) -> None:
+def test_deltas_of_single_runs_are_not_marked(results: Path, tmp_path: Path) -> None:
+    """One run on each side: the change is computed with its sign, but one value says
+    nothing of the noise, so neither helped nor hurt is claimed."""
     paths = write_tables(load_trials([results]), tmp_path)
     table4 = _csv(paths["table-4"])
     assert {r["row"] for r in table4} == {f"{BG} + {SG}"}
-    # mse: lower is better
     row = _cell(table4, "tp-add", BG)
-    assert (float(row["delta"]), row["effect"]) == (0.4 - 0.5, "helped")
-    assert row["single_task_trial_id"] == "st-bg-egnn-a" and row["column"] == "egnn additive"
-    assert _cell(table4, "tp-pc", BG)["effect"] == "hurt"
-    # accuracy: higher is better
-    row = _cell(table4, "tp-add", SG)
-    assert (float(row["delta"]), row["effect"]) == (0.25 - 0.3, "hurt")
-    assert _cell(table4, "tp-pc", SG)["effect"] == "helped"
+    assert (float(row["delta"]), row["effect"], row["noise"]) == (0.4 - 0.5, NOISE_UNKNOWN, "")
+    assert row["single_task_trial_ids"] == "st-bg-egnn-a" and row["column"] == "egnn additive"
+    assert float(_cell(table4, "tp-pc", BG)["delta"]) == 0.55 - 0.5
+    assert float(_cell(table4, "tp-add", SG)["delta"]) == 0.25 - 0.3
+    assert {r["effect"] for r in table4} == {NOISE_UNKNOWN}
 
     table5 = _csv(paths["table-5"])
-    assert _cell(table5, "dp", FE)["effect"] == "helped"
+    assert _cell(table5, "dp", FE)["effect"] == NOISE_UNKNOWN
     assert _cell(table5, "dp", OQ)["delta"] == ""  # no single-task OQMD trial to compare with
 
-    assert "tp-bad" not in {r["trial_id"] for r in table4}
+    assert "tp-bad" not in {r["trial_ids"] for r in table4}
     markdown = paths["leaderboard"].read_text()
     assert "failed: tp-bad (OOM)" in markdown
-    assert "0.4000 (-0.1000 helped) / 0.2500 (-0.05000 hurt)" in markdown
+    assert f"0.4000 [-0.1000, {NOISE_UNKNOWN}] / 0.2500 [-0.05000, {NOISE_UNKNOWN}]" in markdown
+    cells = [line for line in markdown.splitlines() if line.startswith("| ")]
+    assert not any("helped" in c or "hurt" in c for c in cells)
     sweeps = _csv(paths["table-sweep"])
     assert [json.loads(r["params"]) for r in sweeps] == [{"lr": 1e-3}, {"lr": 3e-4}]
 
@@ -237,6 +240,8 @@ def test_html_embeds_tables_and_every_plot_kind(report_dir: Path) -> None:
         )
         assert images, key
         assert base64.b64decode(images[0]).startswith(b"\x89PNG")
+    # one run per cell: no spread to chart, the tables hold the values
+    assert 'class="spread"' not in _section(page, "tables")
     # the parity plots are the pair's band gap and the plain run's Fermi energy
     assert _section(page, "parity").count('class="plot"') == 2
     assert "st-sg-egnn: no checkpoint" in page

@@ -75,6 +75,9 @@ def test_task_pair_grid_additive_and_pcgrad(mp_root: Path, tmp_path: Path) -> No
     for trial in trials:
         assert trial["error"] is None
         assert trial["metrics"]["epoch"] == 2
+        # the base run's seed, the one seed of a study that lists none
+        assert trial["seed"] == trial["params"]["seed"] == 42
+        assert trial["run_dir"].endswith("-seed42")
         history = [
             json.loads(x)
             for x in (Path(trial["run_dir"]) / "history.jsonl").read_text().splitlines()
@@ -87,7 +90,7 @@ def test_task_pair_grid_additive_and_pcgrad(mp_root: Path, tmp_path: Path) -> No
 
     written = write_tables(load_trials([tmp_path / "pairs"]), tmp_path / "report")
     rows = list(csv.DictReader(written["table-4"].open()))
-    reported = {(r["combine"], r["task"]): float(r["value"]) for r in rows}
+    reported = {(r["combine"], r["task"]): float(r["mean"]) for r in rows}
     for trial in trials:  # the table holds exactly each trial's own reported metrics
         for task, metric in (("mp-band-gap", "mse"), ("mp-stability", "accuracy")):
             assert reported[(trial["combine"], task)] == trial["metrics"][f"val/{task}/{metric}"]
@@ -142,4 +145,4 @@ def test_optuna_sweep_two_trials(mp_root: Path, tmp_path: Path) -> None:
     by_trial = {t["trial_id"]: t for t in trials}
     for row in rows:  # the sweep table holds each trial's own final metric
         trial = by_trial[row["trial_id"]]
-        assert float(row["value"]) == trial["metrics"]["val/mp-formation-energy/mse"]
+        assert float(row["mean"]) == trial["metrics"]["val/mp-formation-energy/mse"]

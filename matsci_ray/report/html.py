@@ -6,6 +6,11 @@ on at most ``max_structures`` structures of its validation split (pyarrow + the 
 graph transform; no Ray). Their captions' errors are of that subset, so they can differ from
 the tables, which always show the trials' own reported metrics.
 
+Under each of Tables 3–5 whose cells hold several seeds, ``figure.spread`` charts every
+cell's mean with ±sd error bars (beside its single-task configuration in Tables 4 and 5); the
+tables' notes state how helped, hurt and "within noise" are decided
+(:mod:`matsci_ray.report.tables`).
+
 Stable hooks for browser tests: ``section#tables`` with ``table#table-3`` … ``#table-5``,
 ``section#learning-curves``, ``section#parity``, ``section#confusion``; every plot is an
 ``img.plot``, and a skipped plot leaves a ``p.note`` saying why.
@@ -233,7 +238,68 @@ def checkpoint_plots(
     return parity, confusion
 
 
-def _table_html(table: Table) -> str:
+def _number(value: Any) -> float:
+    """A CSV-ready record value as a float: blank (not reported, or no sd) is NaN."""
+    return float(value) if value != "" else np.nan
+
+
+def spread_chart(table: Table) -> str:
+    """Bars of each cell's mean with ±sd error bars, one panel per row and task; pair tables
+    put the single-task configuration it is compared with beside each bar (hatched). Empty
+    when every cell is a single run: there is no spread to show, and the table has the values.
+    """
+    panels: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for record in table.records:
+        panels.setdefault((record["row"], record["task"]), []).append(record)
+    if not any(r["n"] > 1 or (r["single_task_n"] or 0) > 1 for r in table.records):
+        return ""
+    columns = 4 if len(panels) > 4 else len(panels)
+    height = -(-len(panels) // columns)  # ceiling division: rows of panels
+    fig = _new_figure(2.8 * columns, 2.6 * height)
+    for ax, ((row, task), records) in zip(
+        fig.subplots(height, columns, squeeze=False).flat, panels.items(), strict=False
+    ):
+        _spread_panel(ax, task, row, records)
+    for ax in fig.axes[len(panels) :]:
+        ax.set_visible(False)  # the last row's unused panels
+    fig.axes[0].legend(fontsize=6)
+    return _figure(
+        fig,
+        f"spread over seeds, {table.title}",
+        f"{table.title}: mean ± sd over seeds (no bar: one run); hatched: single task",
+        "spread",
+    )
+
+
+def _spread_panel(ax: Any, task: str, row: str, records: list[dict[str, Any]]) -> None:
+    x = np.arange(len(records))
+    pair = any(r["single_task_n"] != "" for r in records)
+    width = 0.4 if pair else 0.7
+    mean = [_number(r["mean"]) for r in records]
+    sd = [_number(r["sd"]) for r in records]
+    ax.bar(x, mean, width, yerr=sd, capsize=3, label="this table")
+    if pair:
+        base = [_number(r["single_task_mean"]) for r in records]
+        base_sd = [_number(r["single_task_sd"]) for r in records]
+        ax.bar(
+            x + width,
+            base,
+            width,
+            yerr=base_sd,
+            capsize=3,
+            hatch="//",
+            fill=False,
+            label="single task",
+        )
+    ax.set_xticks(x + (width / 2 if pair else 0), [r["column"] for r in records])
+    ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+    spec = TASKS[task]
+    title = task if row == task else f"{task}\n({row})"
+    ax.set_title(title, fontsize=7)
+    ax.set_ylabel(f"{spec.metric} {spec.unit}".strip(), fontsize=7)
+
+
+def _table_html(table: Table, plots: bool = True) -> str:
     head = "".join(f"<th>{escape(h)}</th>" for h in table.header)
     body = "".join(
         "<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in table.rows
@@ -241,10 +307,11 @@ def _table_html(table: Table) -> str:
     notes = "".join(_note(n) for n in table.notes)
     if not table.rows:
         notes = _note("No trials.") + notes
+    chart = spread_chart(table) if plots and table.key != "table-sweep" else ""
     return (
         f"<h3>{escape(table.title)}</h3>"
         f'<table id="{table.key}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-        f"{notes}"
+        f"{notes}{chart}"
     )
 
 
@@ -275,7 +342,11 @@ def render_html(
         curves = parity = confusion = [_note("Plots disabled (--no-plots).")]
     extra = left_out(trials)
     sections = [
-        ("tables", "Tables", "".join(map(_table_html, tables)) + (_note(extra) if extra else "")),
+        (
+            "tables",
+            "Tables",
+            "".join(_table_html(t, plots) for t in tables) + (_note(extra) if extra else ""),
+        ),
         ("learning-curves", "Learning curves", "".join(curves)),
         ("parity", "Parity plots (validation split)", "".join(parity)),
         ("confusion", "Confusion matrices (validation split)", "".join(confusion)),
