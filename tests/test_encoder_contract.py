@@ -156,7 +156,7 @@ def check_forces_match_finite_differences(encoder: Encoder) -> None:
 
 
 def test_every_registered_model_is_tested() -> None:
-    assert {"egnn", "megnet", "gala"} <= set(NAMES)
+    assert {"egnn", "megnet", "gala", "mace"} <= set(NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)

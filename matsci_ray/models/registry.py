@@ -71,6 +71,20 @@ MODELS: Registry[ModelSpec] = Registry(
             depth="num_layers",
             small={"dim": 64, "heads": 4, "num_layers": 2, "ffn_dim": 128},
         ),
+        ModelSpec(
+            "mace",
+            "matsci_ray.models.mace:MACE",  # needs the optional extra: pip install -e '.[mace]'
+            width="num_channels",
+            depth="num_interactions",
+            small={
+                "num_channels": 8,
+                "num_interactions": 2,
+                "max_ell": 2,
+                "correlation": 2,
+                "num_radial": 6,
+                "radial_mlp_dim": 16,
+            },
+        ),
     ],
 )
 

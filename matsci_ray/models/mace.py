@@ -1,0 +1,287 @@
+"""MACE as an encoder: mace-torch's own blocks on the project's periodic graphs.
+
+Batatia, Kovács, Simm, Ortner and Csányi, "MACE: Higher Order Equivariant Message Passing
+Neural Networks for Fast and Accurate Force Fields", NeurIPS 2022 (arXiv:2206.07697). The
+layers are ``mace.modules``' radial embedding (Bessel basis times a polynomial envelope),
+spherical harmonics, residual interaction blocks and equivariant product (symmetric
+contraction) blocks, stacked as ``mace.modules.models.MACE`` stacks them; this module only
+feeds them the batch and hands their invariant features to the project's heads. The readouts,
+atomic reference energies and scale/shift of mace-torch's model are left out: the heads, their
+normalisers and the tasks' losses play those parts for every encoder alike.
+
+Elements: MACE's node attributes are a one-hot vector over the elements it was built for.
+Here that vector spans every atomic number ``0..118`` (0 unused), so no element table has to
+be read from the data before the model exists; an element absent from training keeps its
+random initial weights (as with the other encoders' learned embeddings). e3nn normalises its
+linear maps and tensor products by their fan-in, which assumes every input is active; a one-hot
+input has one, so the element embedding and each layer's element-dependent skip connection
+would come out ``sqrt(119)`` times smaller than MACE makes them for a one-element table (they
+shrink with the table's size in mace-torch too). Those two read the one-hot times
+``sqrt(119)``; the product blocks, whose per-element weights are not normalised by the number
+of elements, read the plain one-hot. The model is then, at initialisation, what mace-torch
+builds for a table holding the atom's element alone.
+
+mace-torch is an optional extra (``pip install -e '.[mace]'``); without it, asking for this
+model is a :class:`~matsci_ray.errors.ConfigError` when the config is read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from matsci_ray.errors import ConfigError
+from matsci_ray.models.base import Encoder, EncoderOutput
+from matsci_ray.models.blocks import MAX_Z, edge_geometry, graph_index, readout, readout_width
+
+log = logging.getLogger(__name__)
+_NO_WEIGHTS_ONLY = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+
+
+@contextlib.contextmanager
+def _contained_import() -> Iterator[None]:
+    """Import mace-torch without its side effects on the process.
+
+    ``import mace`` sets ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` for good (e3nn 0.4.4 loads its
+    own constants with a plain ``torch.load``, which torch >= 2.6 refuses): left set, every
+    later ``torch.load`` without an explicit ``weights_only`` in this process and its children
+    would unpickle arbitrary code. The variable is restored once the import is done. mace's
+    note that the optional cuequivariance kernels are missing goes to the log, not stdout.
+    """
+    before = os.environ.get(_NO_WEIGHTS_ONLY)
+    os.environ[_NO_WEIGHTS_ONLY] = "1"
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed), warnings.catch_warnings():
+            # torch's note that the variable above turned weights-only loading off
+            warnings.filterwarnings("ignore", message=".*TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+            yield
+    finally:
+        if before is None:
+            os.environ.pop(_NO_WEIGHTS_ONLY, None)
+        else:
+            os.environ[_NO_WEIGHTS_ONLY] = before
+        if printed.getvalue().strip():
+            log.debug("mace-torch: %s", printed.getvalue().strip())
+
+
+with _contained_import():
+    try:
+        import e3nn
+        from e3nn import o3
+        from mace.modules import (
+            EquivariantProductBasisBlock,
+            LinearNodeEmbeddingBlock,
+            RadialEmbeddingBlock,
+            RealAgnosticResidualInteractionBlock,
+        )
+    except ImportError as error:  # this module stays unimported; the registry reports why
+        raise ConfigError(f"needs the mace extra: pip install -e '.[mace]' ({error})") from None
+
+NUM_ELEMENTS = MAX_Z + 1  # one-hot columns: atomic numbers 0..118
+ELEMENT_SCALE = math.sqrt(NUM_ELEMENTS)
+
+
+@dataclass(frozen=True)
+class MACESettings:
+    """The hyperparameters that shape MACE's layers (see :class:`MACE` for each)."""
+
+    num_channels: int
+    num_interactions: int
+    max_ell: int
+    max_L: int
+    correlation: int
+    num_radial: int
+    num_cutoff_basis: int
+    radial_mlp_dim: int
+    avg_num_neighbors: float
+    cutoff: float
+
+
+class MACE(Encoder):
+    """MACE encoder: each layer's invariant (``0e``) atom features, concatenated, and pooled.
+
+    ``node`` holds, per atom, the scalar channels of every layer's output, the features
+    mace-torch's readouts turn into atomic energies; ``graph`` pools them per structure.
+
+    Args:
+        num_channels: channels per irrep of the hidden features (MACE's ``num_channels``).
+        num_interactions: interaction + product layers (MACE's ``num_interactions``).
+        max_ell: highest degree of the edges' spherical harmonics.
+        max_L: highest degree of the hidden atom features (0: scalars only, 1: vectors too);
+            the last layer keeps only its scalars, as in mace-torch.
+        correlation: body order of each product block (the symmetric contraction's degree).
+        num_radial: Bessel functions expanding the edge length (MACE's ``num_radial_basis``).
+        num_cutoff_basis: power ``p`` of MACE's polynomial envelope.
+        radial_mlp_dim: width of the three hidden layers of the MLP from the radial basis to
+            each edge's tensor-product weights.
+        avg_num_neighbors: constant dividing each neighbour sum (mace-torch measures it on the
+            training set; here it is a setting, like EGNN's ``aggr_norm``).
+        cutoff: Å; MACE's ``r_max``, where the envelope reaches zero.
+        readout: pooling of the atom features into ``graph``: ``"sum_mean"``, ``"sum"`` or
+            ``"mean"``.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_channels: int = 64,
+        num_interactions: int = 2,
+        max_ell: int = 3,
+        max_L: int = 1,
+        correlation: int = 3,
+        num_radial: int = 8,
+        num_cutoff_basis: int = 5,
+        radial_mlp_dim: int = 64,
+        avg_num_neighbors: float = 32.0,
+        cutoff: float = 6.0,
+        readout: Literal["sum_mean", "sum", "mean"] = "sum_mean",
+    ) -> None:
+        super().__init__()
+        if min(num_channels, num_interactions, correlation, num_radial, radial_mlp_dim) < 1:
+            raise ValueError(
+                "num_channels, num_interactions, correlation, num_radial and radial_mlp_dim "
+                "must be at least 1"
+            )
+        if max_ell < 0 or max_L < 0:
+            raise ValueError("max_ell and max_L must be at least 0")
+        self.settings = MACESettings(
+            num_channels=num_channels,
+            num_interactions=num_interactions,
+            max_ell=max_ell,
+            max_L=max_L,
+            correlation=correlation,
+            num_radial=num_radial,
+            num_cutoff_basis=num_cutoff_basis,
+            radial_mlp_dim=radial_mlp_dim,
+            avg_num_neighbors=float(avg_num_neighbors),
+            cutoff=float(cutoff),
+        )
+        self.cutoff = float(cutoff)
+        self.readout = readout
+        self.node_dim = num_channels * num_interactions
+        self.graph_dim = readout_width(self.node_dim, readout)
+        self.layers = build_layers(self.settings)
+
+    def reset_parameters(self) -> None:
+        # e3nn's modules draw their weights in __init__ and have no reset: build the same
+        # layers again (the same draws under the same seed) and take their weights
+        self.layers.load_state_dict(build_layers(self.settings).state_dict())
+
+    def forward(self, batch: Any) -> EncoderOutput:
+        index, num_graphs = graph_index(batch)
+        vec, dist = edge_geometry(batch, index)
+        # mace-torch's edge vectors point from the neighbour to the centre, ours the other way
+        edge_attrs = self.layers["spherical_harmonics"](-vec)
+        edge_feats, _ = self.layers["radial"](dist.unsqueeze(-1), None, None, None)
+        one_hot = nn.functional.one_hot(batch.z, NUM_ELEMENTS).to(vec.dtype)
+        scaled = one_hot * ELEMENT_SCALE  # see the module's docstring
+        h = self.layers["embedding"](scaled)
+        scalars: list[Tensor] = []
+        for interaction, product in zip(
+            self.layers["interactions"], self.layers["products"], strict=True
+        ):
+            h, skip = interaction(
+                node_attrs=scaled,
+                node_feats=h,
+                edge_attrs=edge_attrs,
+                edge_feats=edge_feats,
+                edge_index=batch.edge_index,
+            )
+            h = product(node_feats=h, sc=skip, node_attrs=one_hot)
+            # the hidden irreps are sorted, so each layer's scalars are its first channels
+            scalars.append(h[:, : self.settings.num_channels])
+        node = torch.cat(scalars, dim=-1)
+        return EncoderOutput(node=node, graph=readout(node, index, num_graphs, self.readout))
+
+
+@contextlib.contextmanager
+def _eager_e3nn() -> Iterator[None]:
+    """e3nn's generated code left uncompiled while MACE's layers are built.
+
+    By default e3nn compiles each generated module with TorchScript and reorders its einsums
+    when it is constructed: seconds per model on a CPU, repeated by every ``reset_parameters``
+    and every Ray worker, with TorchScript warnings; the eager modules compute the same values.
+    """
+    before = dict(e3nn.get_optimization_defaults())
+    e3nn.set_optimization_defaults(jit_script_fx=False, optimize_einsums=False)
+    try:
+        yield
+    finally:
+        e3nn.set_optimization_defaults(**before)
+
+
+def _device_with_data() -> contextlib.AbstractContextManager[Any]:
+    """The CPU where the default device is torch's meta device (the driver's check of a
+    config builds its encoder there, allocating nothing): e3nn computes constants from sampled
+    numbers while it builds a layer, and a meta tensor holds no numbers."""
+    meta = torch.get_default_device().type == "meta"
+    return torch.device("cpu") if meta else contextlib.nullcontext()
+
+
+def build_layers(settings: MACESettings) -> nn.ModuleDict:
+    """The learnable part of MACE, wired as ``mace.modules.models.MACE.__init__`` wires it
+    (residual interactions in every layer, scalar-only last layer), without its readouts."""
+    with _eager_e3nn(), _device_with_data():
+        return nn.ModuleDict(
+            {
+                "spherical_harmonics": o3.SphericalHarmonics(
+                    o3.Irreps.spherical_harmonics(settings.max_ell),
+                    normalize=True,
+                    normalization="component",
+                ),
+                "embedding": LinearNodeEmbeddingBlock(
+                    o3.Irreps(f"{NUM_ELEMENTS}x0e"), o3.Irreps(f"{settings.num_channels}x0e")
+                ),
+                "radial": RadialEmbeddingBlock(
+                    r_max=settings.cutoff,
+                    num_bessel=settings.num_radial,
+                    num_polynomial_cutoff=settings.num_cutoff_basis,
+                ),
+                **_interactions_and_products(settings),
+            }
+        )
+
+
+def _interactions_and_products(settings: MACESettings) -> dict[str, nn.ModuleList]:
+    c = settings.num_channels
+    element_irreps = o3.Irreps(f"{NUM_ELEMENTS}x0e")
+    scalar_irreps = o3.Irreps(f"{c}x0e")
+    hidden_irreps = (c * o3.Irreps.spherical_harmonics(settings.max_L)).sort()[0].simplify()
+    sh_irreps = o3.Irreps.spherical_harmonics(settings.max_ell)
+    interactions, products = nn.ModuleList(), nn.ModuleList()
+    node_irreps = scalar_irreps  # the element embedding gives scalars
+    for layer in range(settings.num_interactions):
+        out_irreps = scalar_irreps if layer == settings.num_interactions - 1 else hidden_irreps
+        interaction = RealAgnosticResidualInteractionBlock(
+            node_attrs_irreps=element_irreps,
+            node_feats_irreps=node_irreps,
+            edge_attrs_irreps=sh_irreps,
+            edge_feats_irreps=o3.Irreps(f"{settings.num_radial}x0e"),
+            target_irreps=(c * sh_irreps).sort()[0].simplify(),
+            hidden_irreps=out_irreps,
+            avg_num_neighbors=settings.avg_num_neighbors,
+            radial_MLP=[settings.radial_mlp_dim] * 3,
+        )
+        interactions.append(interaction)
+        products.append(
+            EquivariantProductBasisBlock(
+                node_feats_irreps=interaction.target_irreps,
+                target_irreps=out_irreps,
+                correlation=settings.correlation,
+                num_elements=NUM_ELEMENTS,
+                use_sc=True,
+            )
+        )
+        node_irreps = out_irreps
+    return {"interactions": interactions, "products": products}
