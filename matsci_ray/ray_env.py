@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,39 +20,101 @@ def init_ray(
     temp_dir: Path | None = None,
     include_dashboard: bool = True,
     metrics_export_port: int | None = None,
+    log_to_driver: bool = False,
 ) -> str | None:
     """Join ``address`` (or ``RAY_ADDRESS``), else start a local Ray in-process.
 
-    Returns the dashboard URL when one is running. A local Ray listens on 127.0.0.1 only
-    (dashboard, job server, metrics, gRPC); expose it deliberately (see README). Keep the
-    dashboard: it serves the State API, without which Ray Train's placement-group cleaner
-    cannot tell that a stopped Tune trial's trainer died, so its CPUs leak and the next trial
-    never schedules.
+    Returns the dashboard's ``host:port`` when one is running (also when this process was
+    already connected). A local Ray listens on 127.0.0.1 only (dashboard, job server,
+    metrics, gRPC); expose it deliberately (see README). Keep the dashboard: it serves the
+    State API, without which Ray Train's placement-group cleaner cannot tell that a stopped
+    Tune trial's trainer died, so its CPUs leak and the next trial never schedules.
+
+    ``log_to_driver`` copies every worker's stdout and stderr to this console (each worker's
+    metric dict at each report, Ray Data's plans); off, they stay in the session's log files,
+    and what fails still reaches the driver as the exception Ray raises there.
     """
     if ray.is_initialized():
-        return None
+        return dashboard_address()
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        return ray.init(address=address, log_to_driver=True).dashboard_url or None
+        return ray.init(address=address, log_to_driver=log_to_driver).dashboard_url or None
     kwargs: dict[str, object] = {
         "num_cpus": num_cpus,
         "num_gpus": num_gpus,
         "include_dashboard": include_dashboard,
         "dashboard_host": "127.0.0.1",
-        "log_to_driver": True,
+        "log_to_driver": log_to_driver,
+        "_system_config": _worker_pool_config(num_cpus or os.cpu_count() or 1),
     }
-    # Ray kills idle workers beyond this limit (default: the CPU count, which Ray Train's own
-    # actors exceed on a small node), so every Ray Data execution re-spawned workers that
-    # re-import torch: a ~5 s stall per epoch (benchmarks/README.md). Keep them alive.
-    kwargs["_system_config"] = {
-        "num_workers_soft_limit": max(16, 4 * (num_cpus or os.cpu_count() or 1))
-    }
+    if include_dashboard:
+        kwargs.update(_state_api_of_this_cluster())
     if metrics_export_port is not None:  # where Prometheus scrapes this node
         kwargs["_metrics_export_port"] = metrics_export_port
     if temp_dir is not None:
         kwargs["_temp_dir"] = str(Path(temp_dir).resolve())
     with _loopback_node():
         return ray.init(**kwargs).dashboard_url or None
+
+
+def _worker_pool_config(cpus: int) -> dict[str, int]:
+    """Ray kills idle workers beyond ``num_workers_soft_limit`` (default: the CPU count, which
+    Ray Train's own actors exceed on a small node), so every Ray Data execution re-spawned
+    workers that re-import torch: a stall of seconds per epoch (benchmarks/README.md). Keep
+    them alive. The raylet warns ("N PYTHON worker processes have been started", on every
+    driver's console) at 4x, 5x, ... its startup concurrency (default: the CPU count), so on
+    a small node the pool kept on purpose set it off several times a run; with half the pool
+    starting at once, it warns only for twice the pool."""
+    soft_limit = max(16, 4 * cpus)
+    return {
+        "num_workers_soft_limit": soft_limit,
+        "worker_maximum_startup_concurrency": max(cpus, soft_limit // 2),
+    }
+
+
+def _state_api_of_this_cluster() -> dict[str, object]:
+    """A dashboard port chosen here, and every worker of this driver told where it is.
+
+    Ray Train's placement-group cleaner (an actor) asks the State API whether a trainer died
+    and finds the API by looking for a Ray on the machine; with two local clusters (a second
+    user, a test run beside another) it finds both, gives up, and a stopped Tune trial's CPUs
+    are never freed: the next trial waits for ever. ``RAY_API_SERVER_ADDRESS``, which the
+    State API reads first, names this cluster's."""
+    port = _free_port(ray_constants.DEFAULT_DASHBOARD_PORT)
+    api = ray_constants.RAY_API_SERVER_ADDRESS_ENVIRONMENT_VARIABLE
+    return {
+        "dashboard_port": port,
+        "runtime_env": {"env_vars": {api: f"http://127.0.0.1:{port}"}},
+    }
+
+
+def _free_port(preferred: int) -> int:
+    """``preferred`` (Ray's usual dashboard port) when it is free on loopback, else any."""
+    for port in (preferred, 0):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return probe.getsockname()[1]
+    raise OSError("no free port on 127.0.0.1")
+
+
+def dashboard_address() -> str | None:
+    """``host:port`` of the dashboard of the Ray this process is connected to, or None."""
+    if not ray.is_initialized():
+        return None
+    # Ray 2.60 has no public getter; ray.init's return value has it only for its caller
+    from ray._private.worker import get_dashboard_url
+
+    url = get_dashboard_url() or ""
+    return url.removeprefix("http://").removeprefix("https://") or None
+
+
+def session_logs() -> Path | None:
+    """The log directory of this node's Ray session (every worker's stdout and stderr)."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    return Path(node.get_logs_dir_path()) if node is not None else None
 
 
 @contextmanager

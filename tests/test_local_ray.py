@@ -43,3 +43,14 @@ def test_every_listening_socket_of_the_local_ray_is_loopback(ray_local: None) ->
     assert {"gcs_server", "raylet"} <= names, names
     public = [s for s in sockets if not _is_loopback(s[2])]
     assert not public, f"listening beyond loopback: {public}"
+
+
+def test_joining_again_gives_the_running_dashboard_and_its_logs(ray_local: None) -> None:
+    """The demo prints the dashboard as soon as Ray is up, also when this process already
+    had one (the tests' session Ray), and says where the workers' logs are."""
+    from matsci_ray.ray_env import init_ray, session_logs
+
+    address = init_ray()
+    assert address is not None and address.startswith("127.0.0.1:")
+    logs = session_logs()
+    assert logs is not None and logs.is_dir() and any(logs.glob("raylet*"))

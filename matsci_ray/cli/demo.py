@@ -8,20 +8,14 @@ Tune; writes the leaderboard; prints where to look (dashboard, TensorBoard, repo
 from __future__ import annotations
 
 import argparse
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
-# (source, paths relative to the samples directory)
-SAMPLE_SOURCES: list[tuple[str, list[str]]] = [
-    ("oc20-s2ef", ["oc20/trajectories"]),
-    ("oc20-is2re", ["oc20/trajectories"]),
-    # the devset LMDB holds the same 200 documents: ingesting both would count each twice
-    ("materials-project", ["materials_project/summary_docs.jsonl"]),
-    ("lips", ["lips/lips_devset.extxyz"]),
-    ("oqmd", ["matsciml-devsets/oqmd/data.lmdb"]),
-    ("nomad", ["matsciml-devsets/nomad/data.lmdb"]),
-    ("carolina-db", ["matsciml-devsets/carolina_db/data.lmdb"]),
-]
+from matsci_ray.cli.main import add_verbose
+from matsci_ray.data.registry import DATASETS
+from matsci_ray.models.registry import MODELS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,9 +35,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory")
     p.add_argument("--epochs", type=int, default=20, help="epochs of the single-task run")
     p.add_argument("--study-epochs", type=int, default=5, help="epochs of each study trial")
-    p.add_argument("--model", default="egnn", choices=["egnn", "megnet", "gala"])
+    p.add_argument("--model", default="egnn", choices=MODELS.names())
     p.add_argument("--num-cpus", type=int, help="CPUs for the local Ray (default: all)")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument(
+        "--keep-alive",
+        action="store_true",
+        help="at the end, keep the local Ray and its dashboard up until Ctrl-C",
+    )
+    add_verbose(p)
     p.set_defaults(func=run)
 
 
@@ -61,13 +61,12 @@ def _experiment(args: argparse.Namespace, data: Path, storage: Path, **fields: A
 
 def studies(args: argparse.Namespace, data: Path, storage: Path) -> list[dict[str, Any]]:
     """Small members of each Tune family: multi-task, multi-data, and an Optuna sweep."""
-    small = {"hidden_dim": 64, "num_layers": 2, "mlp_dim": 128}
     base = _experiment(
         args,
         data,
         storage,
         name="demo",
-        model={"name": args.model, "params": small if args.model == "egnn" else {}},
+        model={"name": args.model, "params": MODELS.get(args.model).small_params()},
         optim={"lr": 2e-3, "epochs": args.study_epochs},
     )
     return [
@@ -95,53 +94,104 @@ def studies(args: argparse.Namespace, data: Path, storage: Path) -> list[dict[st
 
 
 def run(args: argparse.Namespace) -> int:
+    import ray
+
     from matsci_ray.cli.main import UserError
-    from matsci_ray.config import ExperimentConfig, StudyConfig
-    from matsci_ray.data.ingest import run_ingest
-    from matsci_ray.data.shards import IngestOptions
-    from matsci_ray.experiments.study import run_study
-    from matsci_ray.ray_env import init_ray
-    from matsci_ray.report import load_trials
-    from matsci_ray.report.html import write_html
-    from matsci_ray.report.tables import build_tables, write_tables
-    from matsci_ray.train.evaluate import evaluate_checkpoint, metric_table
-    from matsci_ray.train.trainer import build_trainer
+    from matsci_ray.console.ray_logs import RAY_LOG, ray_console
 
     samples, out = args.samples.resolve(), args.out.resolve()
     if not samples.is_dir():
         raise UserError(f"{samples}: sample data sets not found (use --samples)")
-    dashboard = init_ray(args.address, num_cpus=args.num_cpus)
-    data = out / "data"
-    for source, rel in SAMPLE_SOURCES:
-        id_split = (
-            samples / "materials_project" / "splits" if source == "materials-project" else None
-        )
+    ours = not ray.is_initialized()  # a Ray this command starts is its to stop
+    with ray_console(args.address, args.num_cpus, out / RAY_LOG, args.verbose) as dashboard:
+        if dashboard:  # while the demo runs (and after it, with --keep-alive)
+            print(f"dashboard:   http://{dashboard}")
+        data = out / "data"
+        ingest_samples(samples, data)
+        checkpoint = single_task(args, data, out)
+        run_studies(args, data, out)
+        written = write_report(out)
+        print("where to look:")
+        print(f"  report:      {written['html']}")
+        print(f"  leaderboard: {written['leaderboard']}")
+        print(f"  tensorboard: tensorboard --logdir {out}")
+        print(f"  checkpoint:  {checkpoint}")
+        print(f"  manifests:   {data}/<dataset>/manifest.json")
+        if not args.verbose:
+            print(f"  Ray logs:    {out / RAY_LOG}")
+        if args.keep_alive:
+            keep_alive(dashboard, stop_ray=ours)
+    return 0
+
+
+def ingest_samples(samples: Path, data: Path) -> None:
+    """Every registered source that has a sample, ingested into ``data``."""
+    from matsci_ray.data.ingest import run_ingest
+    from matsci_ray.data.shards import IngestOptions
+
+    for spec in (d for d in DATASETS.specs().values() if d.samples):
+        source, rel = spec.name, spec.samples
+        id_split = samples / spec.id_split if spec.id_split else None
         options = IngestOptions(source=source, id_split_name=str(id_split) if id_split else None)
         manifest = run_ingest(
-            source, [samples / r for r in rel], data, options, id_split_dir=id_split
+            source,
+            [samples / r for r in rel],
+            data,
+            options,
+            id_split_dir=id_split,
+            progress=sys.stderr.isatty(),  # a bar on a terminal, not in a log
         )
         counts = manifest["counts"]
         print(f"ingested {source}: {counts['total']} records ({counts['rejected']} rejected)")
 
+
+def single_task(args: argparse.Namespace, data: Path, out: Path) -> Path:
+    """MP formation energy on Ray Train (a line per epoch), then its test-split table."""
+    from matsci_ray.cli.train import fit
+    from matsci_ray.config import ExperimentConfig
+    from matsci_ray.train.evaluate import evaluate_checkpoint, metric_table
+
     print("== single-task: MP formation energy ==")
     config = ExperimentConfig.model_validate(_experiment(args, data, out / "results"))
-    result = build_trainer(config).fit()
-    if result.error is not None:
-        raise result.error
-    print(metric_table(evaluate_checkpoint(result.checkpoint.path, "test"), "test"))
+    checkpoint = Path(fit(config, verbose=args.verbose).checkpoint.path)
+    print(metric_table(evaluate_checkpoint(checkpoint, "test"), "test"))
+    return checkpoint
+
+
+def run_studies(args: argparse.Namespace, data: Path, out: Path) -> None:
+    from matsci_ray.config import StudyConfig
+    from matsci_ray.experiments.study import run_study
+
     for raw in studies(args, data, out / "studies"):
         print(f"== {raw['family']} study ==")
-        run_study(StudyConfig.model_validate(raw))
+        run_study(StudyConfig.model_validate(raw), verbose=args.verbose)
+
+
+def write_report(out: Path) -> dict[str, Path]:
+    """The leaderboard tables and the HTML report of every run and study under ``out``."""
+    from matsci_ray.report import load_trials
+    from matsci_ray.report.html import write_html
+    from matsci_ray.report.tables import build_tables, write_tables
 
     trials = load_trials([out / "results", out / "studies"])
     tables = build_tables(trials)
     written = write_tables(trials, out / "report", tables)
-    html = write_html(trials, out / "report", tables=tables)
-    print(f"checkpoint:  {result.checkpoint.path}")
-    print(f"manifests:   {data}/<dataset>/manifest.json")
-    print(f"leaderboard: {written['leaderboard']}")
-    print(f"report:      {html}")
-    print(f"tensorboard: tensorboard --logdir {out}")
-    if dashboard:
-        print(f"dashboard:   http://{dashboard}")
-    return 0
+    return {**written, "html": write_html(trials, out / "report", tables=tables)}
+
+
+def keep_alive(dashboard: str | None, stop_ray: bool, stop: threading.Event | None = None) -> None:
+    """Keep this process, and the local Ray it started with its dashboard, up until Ctrl-C
+    (or ``stop`` is set); then stop that Ray (``stop_ray``) before returning."""
+    where = f" and its dashboard at http://{dashboard}" if dashboard else ""
+    stop = stop or threading.Event()
+    try:  # from the prompt on: a Ctrl-C right after it is one too
+        print(f"Ray{where} stay up: press Ctrl-C to stop", flush=True)
+        while not stop.wait(0.5):  # a short wait: Ctrl-C is raised between two of them
+            pass
+    except KeyboardInterrupt:
+        pass
+    if stop_ray:
+        import ray
+
+        ray.shutdown()
+    print("Ray stopped" if stop_ray else "done", flush=True)

@@ -14,13 +14,25 @@ from matsci_ray.errors import UserError, one_line, user_facing
 VERBS = ("demo", "ingest", "download", "verify", "train", "evaluate", "predict", "study", "report")
 
 
+VERBOSE_HELP = "log progress details; train, study and demo also keep Ray's own console output"
+
+
+def add_verbose(parser: argparse.ArgumentParser) -> None:
+    """``--verbose`` after the verb too (``matsci-ray train CONFIG --verbose``, and the jobs/
+    entrypoints, which put the verb first). Without a default of its own, the subcommand
+    leaves the global flag's value alone when it is not given there."""
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="matsci-ray",
         description="MatSciML benchmark on Ray: ingest materials data, train and evaluate models.",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     subparsers = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for verb in VERBS:
         import_module(f"matsci_ray.cli.{verb}").register(subparsers)

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from matsci_ray.cli.main import add_verbose
+
 if TYPE_CHECKING:
     from matsci_ray.config import ExperimentConfig
 
@@ -36,6 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
+    add_verbose(p)
     p.set_defaults(func=run)
 
 
@@ -56,13 +59,11 @@ def run(args: argparse.Namespace) -> int:
 
     # before torch and Ray are imported (seconds): a config error is reported at once
     config = load_config(args.config, parse_overrides(args.set))
-    from matsci_ray.ray_env import init_ray
-    from matsci_ray.train.trainer import build_trainer
+    from matsci_ray.console.ray_logs import RAY_LOG, ray_console
 
-    init_ray(args.address, num_cpus=args.num_cpus)
-    result = build_trainer(config, resume_from=args.resume).fit()
-    if result.error is not None:
-        raise result.error
+    log_file = config.run.storage / config.name / RAY_LOG
+    with ray_console(args.address, args.num_cpus, log_file, args.verbose):
+        result = fit(config, resume_from=args.resume, verbose=args.verbose)
     print(
         json.dumps(
             {k: v for k, v in result.metrics.items() if "/" in k or k == "epoch"},
@@ -77,6 +78,22 @@ def run(args: argparse.Namespace) -> int:
         print(best)
     print(f"tensorboard: tensorboard --logdir {config.run.storage / config.name / 'tensorboard'}")
     return 0
+
+
+def fit(config: ExperimentConfig, resume_from: Path | None = None, verbose: bool = False) -> Any:
+    """Train ``config`` on Ray Train with a line per epoch on the console; Ray's ``Result``.
+    A run that failed raises its error (Ray Train's, with the user's error inside). With
+    ``verbose``, Ray's own lines come in between: no progress bar redrawn among them."""
+    from matsci_ray.console.run import RunProgress
+    from matsci_ray.console.text import Console
+    from matsci_ray.train.trainer import build_trainer
+
+    trainer = build_trainer(config, resume_from=resume_from)
+    with RunProgress.of(config, Console(tty=False) if verbose else None):
+        result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    return result
 
 
 def best_checkpoint_line(result: Any, config: ExperimentConfig) -> str | None:

@@ -21,31 +21,24 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from matsci_ray.config import ExperimentConfig, StudyConfig, dump_config
+from matsci_ray.data.registry import energy_task, paper_pairs
+from matsci_ray.models import model_spec
 from matsci_ray.tasks.registry import TASKS, primary_metric
-
-# Multi-data pairs of the MatSciML paper, and each data set's energy task.
-DATASET_PAIRS = [
-    ("oc20-s2ef", "materials-project"),
-    ("oc20-s2ef", "lips"),
-    ("oc20-is2re", "materials-project"),
-    ("materials-project", "lips"),
-]
-ENERGY_TASK = {
-    "oc20-s2ef": "s2ef-forces",
-    "oc20-is2re": "is2re",
-    "materials-project": "mp-formation-energy",
-    "lips": "lips-forces",
-    "oqmd": "oqmd-formation-energy",
-    "nomad": "nomad-energy",
-    "carolina-db": "cmd-formation-energy",
-}
-# width/depth of the sweep, per encoder's own parameter names
-WIDTH = {"egnn": "hidden_dim", "megnet": "dim", "gala": "dim"}
-DEPTH = {"egnn": "num_layers", "megnet": "num_blocks", "gala": "num_layers"}
 
 
 def variants(study: StudyConfig) -> list[dict[str, Any]]:
-    """The grid: one dict per trial with its label, tasks, model and loss combination."""
+    """The grid: one dict per trial with its label, tasks, model, loss combination and run
+    seed. Seeds vary slowest, so an interrupted study has every cell's first seed first."""
+    cells = _cells(study)
+    out = [{**cell, "seed": seed} for seed in study.seeds or [] for cell in cells]
+    for v in out:
+        v["label"] = "_".join(v["tasks"]) + (f"-{v['combine']}" if v["combine"] else "")
+        v["label"] += f"-{v['model']}-seed{v['seed']}"
+    return out
+
+
+def _cells(study: StudyConfig) -> list[dict[str, Any]]:
+    """One dict per table cell: tasks, model and loss combination (data sets for pairs)."""
     out: list[dict[str, Any]] = []
     if study.family == "single-task":
         for task, model in itertools.product(study.tasks or list(TASKS), study.models):
@@ -56,14 +49,11 @@ def variants(study: StudyConfig) -> list[dict[str, Any]]:
         for pair, combine, model in itertools.product(pairs, study.combine, study.models):
             out.append({"tasks": list(pair), "model": model, "combine": combine})
     elif study.family == "dataset-pair":
-        for pair, model in itertools.product(study.dataset_pairs or DATASET_PAIRS, study.models):
-            tasks = [ENERGY_TASK[d] for d in pair]
+        for pair, model in itertools.product(study.dataset_pairs or paper_pairs(), study.models):
+            tasks = [energy_task(d) for d in pair]
             out.append({"tasks": tasks, "model": model, "combine": None, "datasets": list(pair)})
     else:
         raise ValueError(f"{study.family} is searched, not gridded")
-    for v in out:
-        v["label"] = "_".join(v["tasks"]) + (f"-{v['combine']}" if v["combine"] else "")
-        v["label"] += f"-{v['model']}"
     return out
 
 
@@ -78,17 +68,27 @@ def trial_config(base: dict[str, Any], params: dict[str, Any]) -> ExperimentConf
             raw["model"] = {**raw["model"], "name": variant["model"], "params": {}}
         if variant["combine"]:
             raw["loss"]["combine"] = variant["combine"]
+        if "seed" in variant:  # variants of studies started before seeds keep the base's
+            raw["run"]["seed"] = variant["seed"]
     else:
-        model = raw["model"]["name"]
+        spec = model_spec(raw["model"]["name"])
         raw["name"] = f"{raw['name']}-{params['trial_id']}"
         raw["optim"]["lr"] = params["lr"]
         raw["data"]["cutoff"] = params["cutoff"]
         raw["model"]["params"] = {
             **raw["model"]["params"],
-            WIDTH[model]: params["width"],
-            DEPTH[model]: params["depth"],
+            spec.width: params["width"],
+            spec.depth: params["depth"],
         }
     return ExperimentConfig.model_validate(raw)
+
+
+def swept(model: str, params: dict[str, Any]) -> dict[str, Any]:
+    """A sweep trial's sampled point with width and depth under the encoder's own argument
+    names (``hidden_dim``, ``num_blocks``...), as the report shows them."""
+    spec = model_spec(model)
+    names = {"width": spec.width, "depth": spec.depth}
+    return {names.get(key, key): value for key, value in params.items()}
 
 
 def run_trial(params: dict[str, Any], base: dict[str, Any]) -> None:
@@ -114,8 +114,12 @@ def _param_space(study: StudyConfig) -> dict[str, Any]:
     }
 
 
-def build_tuner(study: StudyConfig) -> tune.Tuner:
-    """A new Tuner for ``study``, or the interrupted one restored (unfinished trials rerun)."""
+def build_tuner(study: StudyConfig, verbose: bool = False) -> tune.Tuner:
+    """A new Tuner for ``study``, or the interrupted one restored (unfinished trials rerun).
+
+    Tune's own reporter prints a status block and every trial's config and result; unless
+    ``verbose``, a table of trials (:class:`~matsci_ray.console.study.StudyConsole`) does
+    instead. A restored Tuner keeps the console it was created with (Tune pickles it)."""
     base = dump_config(study.base)
     base["run"]["storage"] = str(study.base.run.storage / study.name / "runs")
     trainable = tune.with_resources(
@@ -151,13 +155,23 @@ def build_tuner(study: StudyConfig) -> tune.Tuner:
         trainable,
         param_space=_param_space(study),
         tune_config=tune_config,
-        run_config=tune.RunConfig(name=study.name, storage_path=str(study.base.run.storage)),
+        run_config=_run_config(study, metric, verbose),
     )
 
 
-def run_study(study: StudyConfig) -> Path:
+def _run_config(study: StudyConfig, metric: str, verbose: bool) -> tune.RunConfig:
+    storage = str(study.base.run.storage)
+    if verbose:
+        return tune.RunConfig(name=study.name, storage_path=storage)
+    from matsci_ray.console.study import StudyConsole
+
+    table = StudyConsole(study.name, metric, study.base.optim.epochs)
+    return tune.RunConfig(name=study.name, storage_path=storage, verbose=0, callbacks=[table])
+
+
+def run_study(study: StudyConfig, verbose: bool = False) -> Path:
     """Run (or resume) the study; write ``trials.jsonl`` for reports and return its path."""
-    results = build_tuner(study).fit()
+    results = build_tuner(study, verbose).fit()
     base = dump_config(study.base)
     base["run"]["storage"] = str(study.base.run.storage / study.name / "runs")
     rows = []
@@ -173,7 +187,8 @@ def run_study(study: StudyConfig) -> Path:
                 "datasets": config.datasets,
                 "model": config.model.name,
                 "combine": config.loss.combine if study.family == "task-pair" else None,
-                "params": params.get("variant", params),
+                "seed": config.run.seed,
+                "params": params.get("variant") or swept(config.model.name, params),
                 "run_dir": str(config.run.storage / config.name),
                 "metrics": {
                     k: v
