@@ -131,8 +131,8 @@ def test_elastic_run_shrinks_on_node_loss_and_grows_back(data_root: Path, tmp_pa
     Every epoch is in the history once, in order, with ``workers`` 2 -> 1 -> 2.
 
     Seed noise: two uninterrupted 2-worker runs of seeds 0 and 1 on the same cluster, measured
-    here in the same test; the elastic run (seed 0) must end within their spread of the nearer
-    one (the assertion's message prints all three)."""
+    here in the same test; the elastic run (seed 0) must end within about three standard
+    deviations of their mean (the assertion's message prints all three)."""
     storage = tmp_path / "runs"
     with no_local_ray(), local_cluster({"a": {}, "b": {}}, num_cpus=2) as cluster:
         raw = _raw(data_root, storage, "elastic", [1, 2], seed=0)
@@ -159,6 +159,35 @@ def test_elastic_run_shrinks_on_node_loss_and_grows_back(data_root: Path, tmp_pa
             _run_to_end(cluster, _raw(data_root, storage, f"fixed-{seed}", 2, seed=seed), tmp_path)
             for seed in (0, 1)
         ]
-    seeds = sorted(run[METRIC] for run in fixed)
-    noise = seeds[1] - seeds[0]
-    assert seeds[0] - noise <= elastic[METRIC] <= seeds[1] + noise, (elastic[METRIC], seeds)
+    seeds = [run[METRIC] for run in fixed]
+    # Two seeds differ by |x1 - x2|, about 1.13 sigma on average; the elastic run's distance
+    # from their mean has a standard deviation of about 1.22 sigma: 3.5 differences is a band
+    # of about three standard deviations.
+    spread = abs(seeds[1] - seeds[0])
+    distance = abs(elastic[METRIC] - sum(seeds) / 2)
+    assert distance <= 3.5 * spread, (elastic[METRIC], seeds)
+
+
+@pytest.mark.timeout(1200)
+def test_fixed_size_run_waits_for_a_replacement_node(data_root: Path, tmp_path: Path) -> None:
+    """``run.num_workers: 2`` (fixed) spread over nodes a and b: a is SIGKILLed after epoch 2;
+    no epoch runs on fewer workers; when node c joins, the run resumes from its checkpoint at
+    full size and finishes with every epoch once, in order."""
+    storage = tmp_path / "runs"
+    epochs = 8
+    with no_local_ray(), local_cluster({"a": {}, "b": {}}, num_cpus=2) as cluster:
+        raw = _raw(data_root, storage, "fixed", 2, seed=0)
+        raw["optim"]["epochs"] = epochs
+        run_dir, log = storage / "fixed", tmp_path / "fixed.log"
+        driver = _start_driver(cluster, raw, log)
+        _wait_for("epoch 2", lambda: len(_history_lines(run_dir)) >= 2, driver, log, 600)
+        cluster.kill_node("a")
+        time.sleep(20)  # a fixed-size run waits: nothing may train on 1 worker meanwhile
+        assert driver.poll() is None, log.read_text(errors="replace")[-3000:]
+        waiting = len(_history_lines(run_dir))
+        cluster.add_node("c", num_cpus=2)
+        _finish(driver, log, timeout=900)
+    rows = _history_lines(run_dir)
+    assert waiting < epochs
+    assert [r["epoch"] for r in rows] == list(range(1, epochs + 1)), rows
+    assert {r["workers"] for r in rows} == {2}

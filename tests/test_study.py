@@ -144,5 +144,5 @@ def test_optuna_sweep_two_trials(mp_root: Path, tmp_path: Path) -> None:
     assert len(rows) == 2
     by_trial = {t["trial_id"]: t for t in trials}
     for row in rows:  # the sweep table holds each trial's own final metric
-        trial = by_trial[row["trial_id"]]
+        trial = by_trial[row["trial_ids"]]  # one trial per sweep row
         assert float(row["mean"]) == trial["metrics"]["val/mp-formation-energy/mse"]
