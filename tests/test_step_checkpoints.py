@@ -12,7 +12,8 @@ import pytest
 
 from matsci_ray.config import ExperimentConfig
 from matsci_ray.train.checkpoint import read_checkpoint
-from tests.samples import TINY_EGNN, ingest_in_process
+from tests.samples import ingest_in_process
+from tests.test_resume import _raw as resume_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 
@@ -40,22 +41,9 @@ def ordered() -> Iterator[None]:
 
 
 def _config(root: Path, storage: Path, name: str, **run: object) -> ExperimentConfig:
+    """test_resume's run (one worker, cosine, cached graphs), checkpointed every 3 steps."""
     return ExperimentConfig.model_validate(
-        {
-            "name": name,
-            "tasks": ["mp-band-gap"],
-            "data": {"root": str(root), "cutoff": 4.0, "batch_size": 16, "max_train_samples": 64},
-            "model": {"name": "egnn", "params": TINY_EGNN, "head_hidden": 16},
-            "optim": {"lr": 3e-3, "epochs": 3, "scheduler": "cosine"},
-            "run": {
-                "num_workers": 1,
-                "cpus_per_worker": 0.5,
-                "storage": str(storage),
-                "threads_per_worker": 1,
-                "checkpoint_every_steps": 3,
-                **run,
-            },
-        }
+        resume_run(root, storage, name, checkpoint_every_steps=3, **run)
     )
 
 
