@@ -160,7 +160,7 @@ def run_epoch(state: TrainState, data: EpochData) -> dict[str, float]:
     metrics["time/val_s"] = time.monotonic() - val_start
     state.epoch += 1
     key, _ = primary_metric(state.config.tasks)
-    # plateau: the same metric on every rank (validate broadcasts it), the same cut
+    # plateau: the same metric on every rank (validate all-reduces it), the same cut
     state.scheduler.step_epoch(metrics.get(key, float("nan")))
     _early_stopping(state, metrics.get(key, float("nan")))
     metrics["epoch"] = state.epoch
