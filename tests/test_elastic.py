@@ -125,6 +125,7 @@ def _run_to_end(cluster: LocalCluster, raw: dict, tmp_path: Path) -> dict:
 
 
 @pytest.mark.timeout(1800)  # three 60-epoch runs on a 3-node cluster of one 2-core machine
+@pytest.mark.elastic  # left out by default: see pyproject.toml
 def test_elastic_run_shrinks_on_node_loss_and_grows_back(data_root: Path, tmp_path: Path) -> None:
     """2 workers spread over nodes a and b; a is SIGKILLed after epoch 2; the run trains on
     with 1 worker (no node added meanwhile), then node c joins and the run grows back to 2.
