@@ -37,6 +37,7 @@ from matsci_ray.models import (
     encoder_signature,
     model_names,
 )
+from matsci_ray.storage import LocationField, resolve
 from matsci_ray.tasks.registry import TASKS, ForceLoss
 
 
@@ -48,7 +49,9 @@ _M = TypeVar("_M", bound=BaseModel)
 
 
 class DataConfig(_Strict):
-    root: Path = Field(description="ingest output directory (holds <dataset>/manifest.json)")
+    root: LocationField = Field(
+        description="ingest output directory or URI (holds <dataset>/manifest.json)"
+    )
     cutoff: float = Field(6.0, gt=0, description="neighbour cutoff, Å")
     max_neighbors: int | None = Field(None, gt=0)
     batch_size: int = Field(32, gt=0, description="structures per batch per worker")
@@ -252,7 +255,7 @@ class RunConfig(_Strict):
     )
     cpus_per_worker: float = Field(0.5, gt=0)
     use_gpu: bool = False
-    storage: Path = Path("runs/results")
+    storage: LocationField = Field(Path("runs/results"), description="local path or URI")
     max_failures: int = Field(
         1, ge=0, description="restarts after a worker dies (config and data errors: none)"
     )
@@ -352,8 +355,8 @@ def _given(error: Any) -> str:
 
 
 def _resolve_paths(config: ExperimentConfig) -> None:
-    config.data.root = config.data.root.resolve()
-    config.run.storage = config.run.storage.resolve()
+    config.data.root = resolve(config.data.root)
+    config.run.storage = resolve(config.run.storage)
 
 
 def load_config(path: Path | str, overrides: dict[str, Any] | None = None) -> ExperimentConfig:

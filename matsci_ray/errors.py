@@ -62,6 +62,11 @@ class StructureError(MatSciError, ValueError):
     with the check's reason, the same one ingest rejects a record for."""
 
 
+class StorageError(MatSciError):
+    """A storage location that cannot be used: an object store that does not answer, refused
+    or missing credentials, a bucket that does not exist."""
+
+
 class ResourceError(MatSciError):
     """A run that asks for more than the cluster has, or waited too long for it."""
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from pathlib import Path
+
+from matsci_ray.storage import location
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -14,9 +15,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="score a checkpoint on a split and print the metric table",
         description="Stream a split of the checkpoint's data set and print its task metrics.",
     )
-    p.add_argument("checkpoint", type=Path, help="checkpoint directory or checkpoint.pt")
+    p.add_argument(
+        "checkpoint", type=location, help="checkpoint directory or checkpoint.pt (path or URI)"
+    )
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--data-root", type=Path, help="ingest output (default: the config's)")
+    p.add_argument("--data-root", type=location, help="ingest output (default: the config's)")
     p.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")

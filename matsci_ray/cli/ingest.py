@@ -9,6 +9,7 @@ from typing import Any
 
 from matsci_ray.data.readers import GENERIC, READERS, reader_class
 from matsci_ray.keys import TARGETS
+from matsci_ray.storage import check, location
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,7 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("source", choices=sorted(READERS), help="which source reader to use")
     p.add_argument("paths", nargs="+", type=Path, help="input files or directories")
-    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument(
+        "--out", type=location, required=True, help="output directory or URI (s3://bucket/prefix)"
+    )
     p.add_argument(
         "--target",
         action="append",
@@ -108,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         strict=args.strict,
         id_split_name=str(args.id_split) if args.id_split else None,
     )
+    check(args.out)  # before Ray starts: a bad bucket or endpoint is one line at once
     init_ray(args.address, num_cpus=args.num_cpus)
     manifest = run_ingest(
         args.source,

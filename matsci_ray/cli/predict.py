@@ -11,6 +11,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
+from matsci_ray.storage import location
+
 if TYPE_CHECKING:
     from ase import Atoms
 
@@ -28,7 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "degenerate cell: the checks ingest applies) ends the command naming its file and "
         "frame.",
     )
-    p.add_argument("checkpoint", type=Path, help="checkpoint directory or checkpoint.pt")
+    p.add_argument(
+        "checkpoint", type=location, help="checkpoint directory or checkpoint.pt (path or URI)"
+    )
     p.add_argument("files", nargs="+", type=Path, help="structure files (any ASE format)")
     p.add_argument(
         "--index",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from matsci_ray.storage import location
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -19,9 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "dirs",
         nargs="+",
-        type=Path,
+        type=location,
         metavar="DIR",
-        help="Tune experiment, run directory or storage root (searched recursively)",
+        help="Tune experiment, run directory or storage root, a path or URI (searched recursively)",
     )
     p.add_argument("--out", type=Path, required=True, help="directory for the report files")
     p.add_argument(
@@ -31,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--data-root",
-        type=Path,
+        type=location,
         help="ingest output for parity plots (default: each checkpoint's config)",
     )
     p.add_argument(

@@ -29,17 +29,19 @@ def run(args: argparse.Namespace) -> int:
     from matsci_ray.config import load_study
     from matsci_ray.console.ray_logs import RAY_LOG, ray_console
     from matsci_ray.experiments.study import run_study
+    from matsci_ray.storage import local_dir
 
     study = load_study(args.config)
     if args.family and study.family != args.family:
         raise UserError(f"{args.config}: family is {study.family!r}, expected {args.family!r}")
-    log_file = study.base.run.storage / study.name / RAY_LOG
+    log_file = local_dir(study.base.run.storage / study.name) / RAY_LOG
     with ray_console(args.address, args.num_cpus, log_file, args.verbose):
         trials = run_study(study, verbose=args.verbose)
     print(f"trials: {trials}")
     from matsci_ray.report import load_trials
     from matsci_ray.report.tables import write_tables
 
-    for name, path in write_tables(load_trials([trials.parent]), trials.parent / "report").items():
+    report = local_dir(trials.parent) / "report"  # tables are local files
+    for name, path in write_tables(load_trials([trials.parent]), report).items():
         print(f"{name}: {path}")
     return 0

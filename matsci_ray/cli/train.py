@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from matsci_ray.cli.main import add_verbose
+from matsci_ray.storage import Location, check, local_dir, location, uri_of
 
 if TYPE_CHECKING:
     from matsci_ray.config import ExperimentConfig
@@ -31,10 +32,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--resume",
-        type=Path,
+        type=location,
         metavar="CHECKPOINT",
         help="continue after this checkpoint's epoch (a runs/results/NAME/checkpoint_... "
-        "directory of the same tasks and model): weights, optimiser, schedule and data order",
+        "directory or URI of the same tasks and model): weights, optimiser, schedule and "
+        "data order",
     )
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
@@ -59,9 +61,10 @@ def run(args: argparse.Namespace) -> int:
 
     # before torch and Ray are imported (seconds): a config error is reported at once
     config = load_config(args.config, parse_overrides(args.set))
+    check(config.data.root, config.run.storage)
     from matsci_ray.console.ray_logs import RAY_LOG, ray_console
 
-    log_file = config.run.storage / config.name / RAY_LOG
+    log_file = local_dir(config.run.storage / config.name) / RAY_LOG  # a local file handler
     with ray_console(args.address, args.num_cpus, log_file, args.verbose):
         result = fit(config, resume_from=args.resume, verbose=args.verbose)
     print(
@@ -72,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         )
     )
     if result.checkpoint is not None:
-        print(f"checkpoint: {result.checkpoint.path}")
+        print(f"checkpoint: {checkpoint_uri(result.checkpoint)}")
     best = best_checkpoint_line(result, config)
     if best:
         print(best)
@@ -80,7 +83,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def fit(config: ExperimentConfig, resume_from: Path | None = None, verbose: bool = False) -> Any:
+def checkpoint_uri(checkpoint: Any) -> str:
+    """Where Ray put ``checkpoint``, as ``--resume`` and ``evaluate`` take it (a URI for an
+    object store: Ray's own path has no scheme)."""
+    return uri_of(checkpoint.filesystem, checkpoint.path)
+
+
+def fit(
+    config: ExperimentConfig, resume_from: Location | None = None, verbose: bool = False
+) -> Any:
     """Train ``config`` on Ray Train with a line per epoch on the console; Ray's ``Result``.
     A run that failed raises its error (Ray Train's, with the user's error inside). With
     ``verbose``, Ray's own lines come in between: no progress bar redrawn among them."""
@@ -110,4 +121,4 @@ def best_checkpoint_line(result: Any, config: ExperimentConfig) -> str | None:
     detail = f"epoch {metrics.get('epoch')}"
     if score is not None:
         detail += f", {key} = {score:.6g}"
-    return f"best checkpoint: {checkpoint.path} ({detail})"
+    return f"best checkpoint: {checkpoint_uri(checkpoint)} ({detail})"

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from matsci_ray.errors import UserError, one_line
+from matsci_ray.storage import location
 
 BAD = 1  # like cmp(1) and sha256sum -c: 1 is "differs", 2 is "could not check"
 
@@ -26,7 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "line per bad file and a summary; exit 0 if all are good, 1 if any is bad."
         ),
     )
-    p.add_argument("directory", type=Path, metavar="DIR", help="ingest output or data set")
+    p.add_argument(
+        "directory", type=location, metavar="DIR", help="ingest output or data set (path or URI)"
+    )
     p.add_argument(
         "--quick",
         action="store_true",

@@ -15,11 +15,11 @@ import json
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from matsci_ray.console.text import Console, duration, number
+from matsci_ray.storage import Location, location, read_from, size
 from matsci_ray.train.telemetry import HISTORY
 
 if TYPE_CHECKING:
@@ -69,14 +69,14 @@ class RunProgress:
 
     def __init__(
         self,
-        run_dir: Path,
+        run_dir: Location | str,
         epochs: int,
         metric: str,
         console: Console | None = None,
         clock: Callable[[], float] = time.monotonic,
         poll_s: float = 0.5,
     ) -> None:
-        self.history = Path(run_dir) / HISTORY
+        self.history = location(run_dir) / HISTORY
         self.epochs, self.metric = epochs, metric
         self.console = console or Console()
         self.clock, self.poll_s = clock, poll_s
@@ -97,7 +97,7 @@ class RunProgress:
 
     def start(self) -> None:
         """Skip what the history already holds; follow what is appended from now on."""
-        self._offset = self.history.stat().st_size if self.history.exists() else 0
+        self._offset = size(self.history) or 0
         self._started = self.clock()
         self._thread = threading.Thread(target=self._follow, name="run-progress", daemon=True)
         self._thread.start()
@@ -135,14 +135,14 @@ class RunProgress:
         return rows
 
     def _read_new(self) -> list[dict[str, Any]]:
-        try:
-            with self.history.open("rb") as fh:
-                if fh.seek(0, 2) < self._offset:  # rewritten: read it again from the start
-                    self._offset = 0
-                fh.seek(self._offset)
-                data = fh.read()
-        except OSError:  # not written yet
+        found = read_from(self.history, self._offset)
+        if found is None:  # not written yet
             return []
+        end, data = found
+        if end < self._offset:  # rewritten: read it again from the start
+            self._offset = 0
+            found = read_from(self.history, 0)
+            data = found[1] if found else b""
         complete = data[: data.rfind(b"\n") + 1]  # a line being written waits for its end
         self._offset += len(complete)
         rows = []

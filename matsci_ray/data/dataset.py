@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,23 +20,24 @@ from ray.data.datasource import FileBasedDatasource
 from matsci_ray.data.integrity import Shard, check_shards, read_shard
 from matsci_ray.data.manifest import read_manifest
 from matsci_ray.keys import SAMPLE_ID, SPLITS
+from matsci_ray.storage import Location, filesystem, location, parquet_source
 
 
-def split_shards(root: Path | str, dataset: str, split: str) -> list[Shard]:
+def split_shards(root: Location | str, dataset: str, split: str) -> list[Shard]:
     """The shards the manifest lists for ``dataset``/``split``, each checked by a stat and its
     footer: a missing, truncated or replaced shard raises :class:`ShardError` naming it."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    manifest = read_manifest(Path(root), dataset)
-    base = Path(root) / dataset
+    manifest = read_manifest(root, dataset)
+    base = location(root) / dataset
     shards = [Shard.from_manifest(base, s) for s in manifest["shards"] if s["split"] == split]
     check_shards(shards, root)
     return shards
 
 
-def shard_paths(root: Path | str, dataset: str, split: str) -> list[str]:
-    """Absolute paths of the shards the manifest lists for ``dataset``/``split`` (checked as
-    :func:`split_shards` does)."""
+def shard_paths(root: Location | str, dataset: str, split: str) -> list[str]:
+    """Absolute paths (or URIs) of the shards the manifest lists for ``dataset``/``split``
+    (checked as :func:`split_shards` does)."""
     return [s.path for s in split_shards(root, dataset, split)]
 
 
@@ -45,7 +45,9 @@ class ShardDatasource(FileBasedDatasource):
     """Ray Data source of checked shards. ``ray.data.read_parquet`` passes no page-checksum
     option to its default (V2) reader and names no file when pyarrow fails on one, so each
     file is read here through :func:`read_shard`; file listing, the per-execution seeded file
-    order and read-task planning stay Ray's."""
+    order and read-task planning stay Ray's. Shards on an object store are read through the
+    file system :mod:`matsci_ray.storage` makes (endpoint and credentials from the driver's
+    environment), keyed by their path in it."""
 
     def __init__(
         self,
@@ -53,10 +55,13 @@ class ShardDatasource(FileBasedDatasource):
         columns: list[str] | None = None,
         shuffle: ray.data.FileShuffleConfig | None = None,
     ) -> None:
-        super().__init__([s.path for s in shards], shuffle=shuffle, file_extensions=["parquet"])
+        where = [filesystem(location(s.path)) for s in shards]
+        paths = [path for _, path in where]
+        fs = where[0][0] if where else None
+        super().__init__(paths, filesystem=fs, shuffle=shuffle, file_extensions=["parquet"])
         self._columns = columns
         # by reference, as the base class keeps its paths: each read task pickles the source
-        self._shards_ref = ray.put({s.path: s for s in shards})
+        self._shards_ref = ray.put(dict(zip(paths, shards, strict=True)))
         self._shards: dict[str, Shard] | None = None
 
     def _expected(self, path: str) -> Shard | None:
@@ -68,14 +73,15 @@ class ShardDatasource(FileBasedDatasource):
         return filesystem.open_input_file(path)  # Parquet needs random access, not a stream
 
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
-        yield from read_shard(f, path, self._columns, self._expected(path))
+        expected = self._expected(path)
+        yield from read_shard(f, expected.path if expected else path, self._columns, expected)
 
     def get_name(self) -> str:
         return "Shards"  # Ray Data names the operator "Read" + this
 
 
 def open_dataset(
-    root: Path | str,
+    root: Location | str,
     dataset: str,
     split: str,
     columns: list[str] | None = None,
@@ -102,7 +108,7 @@ def open_dataset(
 
 
 def open_datasets(
-    root: Path | str, datasets: list[str], split: str, columns: list[str] | None = None
+    root: Location | str, datasets: list[str], split: str, columns: list[str] | None = None
 ) -> dict[str, ray.data.Dataset]:
     """One Ray Dataset per data set name, for the mixed-dataset sampler."""
     return {name: open_dataset(root, name, split, columns) for name in datasets}
@@ -132,7 +138,7 @@ class SampledRows:
 
 def sample_rows(
     ds: ray.data.Dataset,
-    root: Path | str,
+    root: Location | str,
     dataset: str,
     split: str,
     count: int,
@@ -149,7 +155,7 @@ def sample_rows(
     ids = [
         i
         for shard in split_shards(root, dataset, split)
-        for table in read_shard(shard.path, shard.path, [SAMPLE_ID])
+        for table in read_shard(parquet_source(location(shard.path)), shard.path, [SAMPLE_ID])
         for i in table.column(SAMPLE_ID).to_pylist()
     ]
     if count >= len(ids):

@@ -34,6 +34,7 @@ from matsci_ray.data.shards import (
 )
 from matsci_ray.data.splits import load_id_split
 from matsci_ray.errors import user_facing
+from matsci_ray.storage import Location, files_under, location, remove, resolve
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def _check_not_empty(units: list[WorkUnit], sidecars: dict[str, dict[str, Any]])
 def run_ingest(
     source: str,
     paths: list[Path],
-    out: Path,
+    out: Location | str,
     options: IngestOptions,
     *,
     id_split_dir: Path | None = None,
@@ -87,11 +88,13 @@ def run_ingest(
     """Ingest ``paths`` of ``source`` into ``out``; returns the data set's manifest.
 
     Needs a running Ray (``ray.init``); the CLI starts a local one unless told an address.
-    Re-ingesting a source into the same ``out`` replaces that data set's shards.
+    Re-ingesting a source into the same ``out`` (a directory or an object-store URI) replaces
+    that data set's shards.
     """
+    out = resolve(location(out))
     reader = get_reader(source, **options.reader_options)
     named = reader.inputs([Path(p) for p in paths])
-    dataset_dir = Path(out) / reader.dataset
+    dataset_dir = out / reader.dataset
     id_split = load_id_split(id_split_dir) if id_split_dir is not None else None
 
     plan_task = ray.remote(num_cpus=task_cpus)(_plan_file)
@@ -155,12 +158,24 @@ def run_ingest(
     ordered = [sidecars[unit_name(u)] for u in units]
     check_unique_ids(dataset_dir, units, ordered, task_cpus)
     manifest = build_manifest(reader.dataset, options, inputs, ordered)
-    write_manifest(Path(out), reader.dataset, manifest)
+    write_manifest(out, reader.dataset, manifest)
     return manifest
 
 
-def _remove_stale(dataset_dir: Path, current: set[str]) -> None:
+def _remove_stale(dataset_dir: Location, current: set[str]) -> None:
     """Delete shards and sidecars of units that are no longer part of this data set."""
+    if not isinstance(dataset_dir, Path):  # one listing; an object store has no directories
+        for file in files_under(dataset_dir):
+            parent = file.parent.name
+            if parent == UNITS_DIR and file.name.endswith(".json"):
+                stem = file.name.removesuffix(".json")
+            elif file.name.startswith("part-") and parent != UNITS_DIR:
+                stem = file.name.removeprefix("part-").split(".parquet")[0]
+            else:
+                continue
+            if stem not in current:
+                remove(file)
+        return
     for path in dataset_dir.glob("*/part-*.parquet*"):
         if path.name.removeprefix("part-").split(".parquet")[0] not in current:
             path.unlink()

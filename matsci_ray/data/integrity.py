@@ -13,7 +13,6 @@ checksum into every Parquet page. Three checks use them, from cheap to thorough:
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,8 @@ import pyarrow.parquet as pq
 
 from matsci_ray import keys as K
 from matsci_ray.errors import ShardError, one_line
+from matsci_ray.storage import Location, absolute, location, open_stream, parquet_source
+from matsci_ray.storage import size as file_size
 
 HASH_CHUNK = 1 << 22  # hashed in 4 MiB blocks: a shard is never held in memory whole
 # Parquet writer options of every shard: a CRC32 per page, checked by every read.
@@ -32,9 +33,9 @@ REPAIR = "re-ingest to repair"
 
 
 def sha256_file(path: Path | str, chunk: int = HASH_CHUNK) -> str:
-    """Hex SHA-256 of a file, read in blocks of ``chunk`` bytes."""
+    """Hex SHA-256 of a file (local, or a URI), read in blocks of ``chunk`` bytes."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with open_stream(location(path)) as fh:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
@@ -46,16 +47,17 @@ class Shard:
     written by hand without them (``benchmarks/train.py``'s replicated splits): their checks
     are then skipped at open and reported by verify."""
 
-    path: str  # absolute
+    path: str  # absolute, or a URI
     split: str
     rows: int
     size: int | None = None
     sha256: str | None = None
 
     @classmethod
-    def from_manifest(cls, dataset_dir: Path, entry: dict[str, Any]) -> Shard:
+    def from_manifest(cls, dataset_dir: Location | str, entry: dict[str, Any]) -> Shard:
+        # absolute: read tasks' working directory differs
         return cls(
-            path=os.path.abspath(Path(dataset_dir) / entry["path"]),  # read tasks' cwd differs
+            path=str(absolute(location(dataset_dir) / entry["path"])),
             split=entry["split"],
             rows=int(entry["rows"]),
             size=entry.get("bytes"),
@@ -76,14 +78,14 @@ def _reason(error: BaseException, path: Path | str) -> str:
 def quick_problem(shard: Shard) -> str | None:
     """What a stat and the Parquet footer show wrong with ``shard`` (``None``: nothing).
     Cheap enough for every open of a split: no data page is read."""
-    path = Path(shard.path)
-    if not path.is_file():
+    path = location(shard.path)
+    size = file_size(path)
+    if size is None:
         return "missing"
-    size = path.stat().st_size
     if shard.size is not None and size != shard.size:
         return f"size {size} bytes, the manifest says {shard.size}"
     try:
-        rows = pq.read_metadata(path).num_rows
+        rows = pq.read_metadata(parquet_source(path)).num_rows
     except (OSError, pa.ArrowException) as error:
         return f"unreadable ({_reason(error, path)})"
     if rows != shard.rows:
@@ -110,7 +112,8 @@ def _content_problems(shard: Shard, dataset: str) -> list[str]:
     owners = {K.SPLIT: (shard.split, "split"), K.DATASET: (dataset, "data set")}
     strangers: dict[str, set[str]] = {column: set() for column in owners}
     try:
-        reader = pq.ParquetFile(shard.path, page_checksum_verification=True)
+        source = parquet_source(location(shard.path))
+        reader = pq.ParquetFile(source, page_checksum_verification=True)
         for group in range(reader.num_row_groups):
             table = reader.read_row_group(group)  # every column: every page's CRC is checked
             for column, (expected, _) in owners.items():
@@ -159,7 +162,7 @@ def read_shard(
 
 
 def _check_open_file(source: pa.NativeFile | str, path: str, shard: Shard, rows: int) -> None:
-    size = source.size() if isinstance(source, pa.NativeFile) else Path(path).stat().st_size
+    size = source.size() if isinstance(source, pa.NativeFile) else file_size(location(path))
     if shard.size is not None and size != shard.size:
         raise ShardError(
             f"{path}: size {size} bytes, the manifest says {shard.size} "
@@ -173,7 +176,7 @@ def _check_open_file(source: pa.NativeFile | str, path: str, shard: Shard, rows:
 
 
 def verify_dataset(
-    dataset_dir: Path, manifest: dict[str, Any], quick: bool = False
+    dataset_dir: Location, manifest: dict[str, Any], quick: bool = False
 ) -> Iterator[tuple[str, list[str]]]:
     """``(path, problems)`` of every shard ``manifest`` lists (no problems: the shard is good).
     ``quick``: sizes, footers and row counts only, as opening a split checks; no hashing."""

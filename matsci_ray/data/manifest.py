@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 from matsci_ray.data.schema import SCHEMA_VERSION
 from matsci_ray.data.shards import IngestOptions, write_json_atomic
 from matsci_ray.data.stats import SplitStats
 from matsci_ray.keys import SPLITS
+from matsci_ray.storage import Location, exists, glob, location, read_text, resolve
 
 MANIFEST = "manifest.json"
 
@@ -63,11 +63,11 @@ def build_manifest(
     }
 
 
-def write_manifest(out: Path, dataset: str, manifest: dict[str, Any]) -> Path:
+def write_manifest(out: Location, dataset: str, manifest: dict[str, Any]) -> Location:
     path = out / dataset / MANIFEST
     write_json_atomic(path, manifest)
     index_path = out / MANIFEST
-    index = json.loads(index_path.read_text()) if index_path.exists() else {"datasets": {}}
+    index = json.loads(read_text(index_path)) if exists(index_path) else {"datasets": {}}
     index["schema_version"] = SCHEMA_VERSION
     index["datasets"][dataset] = {
         "manifest": f"{dataset}/{MANIFEST}",
@@ -78,13 +78,13 @@ def write_manifest(out: Path, dataset: str, manifest: dict[str, Any]) -> Path:
     return path
 
 
-def datasets_under(directory: Path) -> list[tuple[Path, str]]:
+def datasets_under(directory: Location | str) -> list[tuple[Location, str]]:
     """``(root, dataset)`` of every data set in ``directory``: an ingest output (its index
     ``manifest.json`` names them) or one data set's own directory. ``[]`` when neither."""
-    directory = Path(directory).resolve()  # "." has a name and a parent
+    directory = resolve(location(directory))  # "." has a name and a parent
     path = directory / MANIFEST
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(read_text(path))
     except (OSError, ValueError):
         return []
     if isinstance(manifest, dict) and isinstance(manifest.get("datasets"), dict):
@@ -94,15 +94,16 @@ def datasets_under(directory: Path) -> list[tuple[Path, str]]:
     return []
 
 
-def read_manifest(root: Path, dataset: str) -> dict[str, Any]:
+def read_manifest(root: Location | str, dataset: str) -> dict[str, Any]:
     """The manifest of ``dataset`` under ingest output ``root``, schema version checked."""
-    path = Path(root) / dataset / MANIFEST
-    if not path.exists():
-        known = sorted(p.parent.name for p in Path(root).glob(f"*/{MANIFEST}"))
+    path = location(root) / dataset / MANIFEST
+    try:
+        manifest = json.loads(read_text(path))
+    except FileNotFoundError:
+        known = sorted(p.parent.name for p in glob(location(root), f"*/{MANIFEST}"))
         raise FileNotFoundError(
             f"{path}: no ingested data set {dataset!r} (found: {', '.join(known) or 'none'})"
-        )
-    manifest = json.loads(path.read_text())
+        ) from None
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(
             f"{path}: schema version {manifest.get('schema_version')} != {SCHEMA_VERSION}; "

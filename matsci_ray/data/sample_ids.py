@@ -11,7 +11,6 @@ comparing the two units' ids as strings, so a hash collision never fails an inge
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,17 +19,20 @@ import ray
 
 from matsci_ray import keys as K
 from matsci_ray.data.record import SourceError, WorkUnit
+from matsci_ray.storage import Location, filesystem
 
 
-def unit_ids(dataset_dir: Path, sidecar: dict[str, Any]) -> list[str]:
+def unit_ids(dataset_dir: Location, sidecar: dict[str, Any]) -> list[str]:
     """The sample ids one unit wrote, over all its splits' shards."""
-    paths = [str(dataset_dir / shard["path"]) for shard in sidecar["shards"].values()]
-    if not paths:
+    where = [filesystem(dataset_dir / s["path"]) for s in sidecar["shards"].values()]
+    if not where:
         return []
-    return pq.read_table(paths, columns=[K.SAMPLE_ID])[K.SAMPLE_ID].to_pylist()
+    paths = [path for _, path in where]
+    table = pq.read_table(paths, columns=[K.SAMPLE_ID], filesystem=where[0][0])
+    return table[K.SAMPLE_ID].to_pylist()
 
 
-def unit_id_hashes(dataset_dir: Path, sidecar: dict[str, Any]) -> np.ndarray:
+def unit_id_hashes(dataset_dir: Location, sidecar: dict[str, Any]) -> np.ndarray:
     """64-bit hashes of :func:`unit_ids` (pandas' SipHash with its fixed key: deterministic)."""
     from pandas.util import hash_array
 
@@ -39,7 +41,7 @@ def unit_id_hashes(dataset_dir: Path, sidecar: dict[str, Any]) -> np.ndarray:
 
 
 def check_unique_ids(
-    dataset_dir: Path,
+    dataset_dir: Location,
     units: list[WorkUnit],
     sidecars: list[dict[str, Any]],
     task_cpus: float = 1.0,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +29,8 @@ from matsci_ray.data.splits import SplitConfig, Splitter
 from matsci_ray.data.stats import SplitStats
 from matsci_ray.data.validate import Limits, check_record
 from matsci_ray.errors import StrictModeError
+from matsci_ray.keys import SPLITS
+from matsci_ray.storage import Location, is_remote, read_text, remove, upload, write_text
 
 UNITS_DIR = "_units"
 
@@ -58,18 +62,21 @@ def unit_name(unit: WorkUnit) -> str:
     return f"{stem}-{unit.start:010d}-{unit.unit_id[:8]}"
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+def write_json_atomic(path: Location, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 class _SplitWriter:
-    """Buffers validated records of one split and writes them as Parquet row groups."""
+    """Buffers validated records of one split and writes them as Parquet row groups.
 
-    def __init__(self, path: Path, row_group_size: int) -> None:
+    A shard bound for an object store is written to a local scratch file first, hashed there
+    and uploaded whole at close: the manifest's SHA-256 needs no second download."""
+
+    def __init__(self, path: Location, row_group_size: int) -> None:
         self.path = path
-        self.tmp = path.with_name(path.name + ".tmp")
+        self.scratch = Path(tempfile.mkdtemp(prefix="shard-")) if is_remote(path) else None
+        self.local = self.scratch / path.name if self.scratch else Path(path)
+        self.tmp = self.local.with_name(self.local.name + ".tmp")
         self.row_group_size = row_group_size
         self.buffer: list[Record] = []
         self.rows = 0
@@ -84,7 +91,7 @@ class _SplitWriter:
         if not self.buffer:
             return
         if self.writer is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.local.parent.mkdir(parents=True, exist_ok=True)
             self.writer = pq.ParquetWriter(self.tmp, SCHEMA, **WRITE_OPTIONS)
         table: pa.Table = records_to_table(self.buffer, split)
         self.writer.write_table(table, row_group_size=len(self.buffer))
@@ -96,21 +103,35 @@ class _SplitWriter:
         self.flush(split)
         if self.writer is not None:
             self.writer.close()
-            os.replace(self.tmp, self.path)
-        return describe(self.path, self.rows)
+            os.replace(self.tmp, self.local)
+        entry = describe(self.local, self.rows)
+        if self.scratch is not None:
+            upload(self.local, self.path)
+            shutil.rmtree(self.scratch)
+        return entry
+
+
+def _remove_unit_shards(dataset_dir: Location, name: str) -> None:
+    """Delete what an earlier, different run of unit ``name`` wrote (an object store is not
+    listed per unit: its shards can only sit at one name per split, no ``.tmp`` there)."""
+    if isinstance(dataset_dir, Path):
+        for stale in dataset_dir.glob(f"*/part-{name}.parquet*"):
+            stale.unlink()
+        return
+    for split in SPLITS:
+        remove(dataset_dir / split / f"part-{name}.parquet")
 
 
 def ingest_unit(
     unit: WorkUnit,
-    dataset_dir: Path,
+    dataset_dir: Location,
     options: IngestOptions,
     input_sha256: str,
     id_split: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Ingest ``unit`` into ``dataset_dir/<split>/part-<unit>.parquet``; return its sidecar."""
     name = unit_name(unit)
-    for stale in dataset_dir.glob(f"*/part-{name}.parquet*"):
-        stale.unlink()  # an earlier, different run of this unit: start clean
+    _remove_unit_shards(dataset_dir, name)  # an earlier, different run of this unit
     reader = get_reader(options.source, **options.reader_options)
     splitter = Splitter(options.split, id_split)
     writers: dict[str, _SplitWriter] = {}
@@ -154,25 +175,22 @@ def ingest_unit(
         "input_sha256": input_sha256,
         "fingerprint": options.fingerprint(),
         "shards": {
-            s: {"path": str(writers[s].path.relative_to(dataset_dir)), **entry}
-            for s, entry in written.items()
+            s: {"path": f"{s}/{writers[s].path.name}", **entry} for s, entry in written.items()
         },
         "rejects": [asdict(r) for r in rejects],
         "split_how": dict(split_how),
         "stats": {s: st.to_json() for s, st in sorted(stats.items())},
     }
-    units_dir = dataset_dir / UNITS_DIR
-    units_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(units_dir / f"{name}.json", sidecar)
+    write_json_atomic(dataset_dir / UNITS_DIR / f"{name}.json", sidecar)
     return sidecar
 
 
-def load_sidecar(dataset_dir: Path, unit: WorkUnit) -> dict[str, Any] | None:
+def load_sidecar(dataset_dir: Location, unit: WorkUnit) -> dict[str, Any] | None:
     path = dataset_dir / UNITS_DIR / f"{unit_name(unit)}.json"
-    if not path.exists():
-        return None
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_text(path))
+    except FileNotFoundError:
+        return None
     except json.JSONDecodeError:
         return None  # torn write from a crash before os.replace cannot happen; be safe anyway
 

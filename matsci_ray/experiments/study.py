@@ -23,6 +23,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from matsci_ray.config import ExperimentConfig, StudyConfig, dump_config
 from matsci_ray.data.registry import energy_task, paper_pairs
 from matsci_ray.models import model_spec
+from matsci_ray.storage import Location, ray_storage, write_text
 from matsci_ray.tasks.registry import TASKS, primary_metric
 
 
@@ -127,10 +128,11 @@ def build_tuner(study: StudyConfig, verbose: bool = False) -> tune.Tuner:
         # the trial only waits on its Train workers, which hold the CPUs (0 is refused)
         {"CPU": 0.01},
     )
-    path = study.base.run.storage / study.name
-    if tune.Tuner.can_restore(str(path)):
+    where = ray_storage(study.base.run.storage / study.name)
+    path, fs = where["storage_path"], where.get("storage_filesystem")
+    if tune.Tuner.can_restore(path, storage_filesystem=fs):
         return tune.Tuner.restore(
-            str(path), trainable, resume_unfinished=True, restart_errored=True
+            path, trainable, resume_unfinished=True, restart_errored=True, storage_filesystem=fs
         )
     metric, higher = primary_metric(study.base.tasks)
     tune_config = tune.TuneConfig(max_concurrent_trials=study.max_concurrent_trials)
@@ -160,16 +162,16 @@ def build_tuner(study: StudyConfig, verbose: bool = False) -> tune.Tuner:
 
 
 def _run_config(study: StudyConfig, metric: str, verbose: bool) -> tune.RunConfig:
-    storage = str(study.base.run.storage)
+    storage = ray_storage(study.base.run.storage)
     if verbose:
-        return tune.RunConfig(name=study.name, storage_path=storage)
+        return tune.RunConfig(name=study.name, **storage)
     from matsci_ray.console.study import StudyConsole
 
     table = StudyConsole(study.name, metric, study.base.optim.epochs)
-    return tune.RunConfig(name=study.name, storage_path=storage, verbose=0, callbacks=[table])
+    return tune.RunConfig(name=study.name, **storage, verbose=0, callbacks=[table])
 
 
-def run_study(study: StudyConfig, verbose: bool = False) -> Path:
+def run_study(study: StudyConfig, verbose: bool = False) -> Location:
     """Run (or resume) the study; write ``trials.jsonl`` for reports and return its path."""
     results = build_tuner(study, verbose).fit()
     base = dump_config(study.base)
@@ -199,5 +201,5 @@ def run_study(study: StudyConfig, verbose: bool = False) -> Path:
             }
         )
     out = study.base.run.storage / study.name / "trials.jsonl"
-    out.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    write_text(out, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     return out

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from matsci_ray.storage import Location, exists, glob, is_file, location, read_text, resolve, rglob
 from matsci_ray.tasks.registry import TASKS, metric_key
 from matsci_ray.train.telemetry import HISTORY, read_history
 
@@ -47,7 +48,7 @@ class Trial:
     model: str
     combine: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
-    run_dir: Path | None = None
+    run_dir: Location | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
 
@@ -64,12 +65,12 @@ class Trial:
         return f"{self.model} ({self.combine})"
 
 
-def latest_checkpoint(run_dir: Path | None) -> Path | None:
+def latest_checkpoint(run_dir: Location | None) -> Location | None:
     """Newest ``checkpoint_*/checkpoint.pt``: Ray names them by time or by a zero-padded index,
     so the last in name order is the last written, the one whose metrics are final."""
     if run_dir is None:
         return None
-    found = sorted(Path(run_dir).glob("checkpoint_*/checkpoint.pt"))
+    found = sorted(glob(run_dir, "checkpoint_*/checkpoint.pt"), key=str)
     return found[-1] if found else None
 
 
@@ -78,7 +79,7 @@ def ordered_tasks(tasks: Iterable[str]) -> list[str]:
     return sorted(tasks, key=order.index)  # registry order: one label per pair, however listed
 
 
-def _trial_from_json(raw: dict[str, Any], where: str, base: Path) -> Trial:
+def _trial_from_json(raw: dict[str, Any], where: str, base: Location) -> Trial:
     for key in ("trial_id", "family", "tasks", "model", "metrics"):
         if key not in raw:
             raise ValueError(f"{where}: trial has no {key!r}")
@@ -97,21 +98,27 @@ def _trial_from_json(raw: dict[str, Any], where: str, base: Path) -> Trial:
         combine=raw.get("combine"),
         params=params if isinstance(params, dict) else {"variant": params},
         # relative run directories are relative to the trials.jsonl, so experiments can move
-        run_dir=(base / run_dir).resolve() if run_dir else None,
+        run_dir=_run_dir(base, run_dir) if run_dir else None,
         metrics=dict(raw["metrics"]),
         error=str(raw["error"]) if raw.get("error") else None,
     )
 
 
-def read_trials_file(path: Path) -> list[Trial]:
+def _run_dir(base: Location, run_dir: str) -> Location:
+    """A trial's run directory: a URI or absolute path as written, else under ``base``."""
+    given = location(run_dir)
+    return resolve(base / given) if isinstance(given, Path) else given
+
+
+def read_trials_file(path: Location) -> list[Trial]:
     trials = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for number, line in enumerate(read_text(path).splitlines(), 1):
         if line.strip():
             trials.append(_trial_from_json(json.loads(line), f"{path}:{number}", path.parent))
     return trials
 
 
-def plain_run(run_dir: Path) -> Trial:
+def plain_run(run_dir: Location) -> Trial:
     """A ``matsci-ray train`` run: final metrics are its last epoch's; tasks, model and
     combination come from its checkpoint's config (from the history's keys without one)."""
     history = read_history(run_dir)
@@ -138,39 +145,31 @@ def plain_run(run_dir: Path) -> Trial:
     else:
         family = "multi-task"
     return Trial(
-        Path(run_dir).name,
-        family,
-        tasks,
-        datasets,
-        model,
-        combine,
-        {},
-        Path(run_dir).resolve(),
-        metrics,
+        run_dir.name, family, tasks, datasets, model, combine, {}, resolve(run_dir), metrics
     )
 
 
 def load_trials(paths: Iterable[Path | str]) -> list[Trial]:
     """Every ``trials.jsonl`` under ``paths`` (recursively), plus run directories with a
     ``history.jsonl`` that no ``trials.jsonl`` accounts for (so no run is counted twice)."""
-    trial_files: list[Path] = []
-    run_dirs: list[Path] = []
-    for path in map(Path, paths):
-        if not path.exists():
+    trial_files: list[Location] = []
+    run_dirs: list[Location] = []
+    for path in map(location, paths):
+        if not exists(path):
             raise FileNotFoundError(f"{path}: no such file or directory")
-        if path.is_file():
+        if is_file(path):
             trial_files.append(path)
             continue
-        trial_files += sorted(path.rglob(TRIALS_FILE))
-        run_dirs += sorted(p.parent for p in path.rglob(HISTORY))
+        trial_files += rglob(path, TRIALS_FILE)
+        run_dirs += [p.parent for p in rglob(path, HISTORY)]
     trials: list[Trial] = []
-    covered: set[Path] = set()
-    for file in dict.fromkeys(p.resolve() for p in trial_files):
+    covered: set[Location] = set()
+    for file in dict.fromkeys(resolve(p) for p in trial_files):
         found = read_trials_file(file)
         trials += found
         covered.add(file.parent)
         covered.update(t.run_dir for t in found if t.run_dir is not None)
-    for run in dict.fromkeys(p.resolve() for p in run_dirs):
+    for run in dict.fromkeys(resolve(p) for p in run_dirs):
         if run not in covered and not covered.intersection(run.parents):
             trials.append(plain_run(run))
     return trials

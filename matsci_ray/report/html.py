@@ -29,7 +29,9 @@ import numpy as np
 
 from matsci_ray import keys as K
 from matsci_ray.report import Trial, latest_checkpoint
+from matsci_ray.report.generative import generative_sections
 from matsci_ray.report.tables import Table, build_tables, left_out
+from matsci_ray.storage import location, parquet_source, resolve
 from matsci_ray.tasks.registry import TASKS, metric_key
 from matsci_ray.train.telemetry import read_history
 
@@ -109,7 +111,8 @@ def _val_rows(
 
     transform = RadiusGraphTransform(config.data.cutoff, config.data.max_neighbors)
     for path in shard_paths(config.data.root, dataset, config.data.val_split):
-        for chunk in pq.ParquetFile(path).iter_batches(batch_size=64, columns=columns):
+        source = parquet_source(location(path))
+        for chunk in pq.ParquetFile(source).iter_batches(batch_size=64, columns=columns):
             if limit <= 0:
                 return
             table = transform(pa.Table.from_batches([chunk]).slice(0, limit))
@@ -129,7 +132,7 @@ def predict_validation(
 
     model, config, _ = load_model(checkpoint)
     if data_root is not None:
-        config.data.root = Path(data_root).resolve()
+        config.data.root = resolve(location(data_root))
     target = {n: t.value_target for n, t in model.tasks.items()}
     found: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {n: ([], []) for n in target}
     for dataset in model.datasets:  # one pass per data set scores all of its tasks
@@ -350,6 +353,7 @@ def render_html(
         ("learning-curves", "Learning curves", "".join(curves)),
         ("parity", "Parity plots (validation split)", "".join(parity)),
         ("confusion", "Confusion matrices (validation split)", "".join(confusion)),
+        *generative_sections(trials),
     ]
     nav = " · ".join(f'<a href="#{key}">{escape(title)}</a>' for key, title, _ in sections)
     body = "".join(

@@ -5,6 +5,7 @@ predicts in physical units.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
@@ -18,6 +19,7 @@ from matsci_ray.config import ExperimentConfig, dump_config
 from matsci_ray.data.schema import SCHEMA_VERSION
 from matsci_ray.errors import CheckpointError, ConfigError
 from matsci_ray.potential import MatSciModel
+from matsci_ray.storage import Location, exists, is_dir, is_file, location, read_bytes
 
 FORMAT_VERSION = 2  # 2: formation energy read out from atoms (EnergyHead)
 FILENAME = "checkpoint.pt"
@@ -35,6 +37,7 @@ RESUME_UNREMARKABLE = (
     "data.task_cpus",
     "data.cache_graphs",
     "data.cache_max_atoms",
+    "run.compile",
 )
 
 logger = logging.getLogger(__name__)
@@ -50,7 +53,9 @@ def save_checkpoint(
     best: float | None = None,
     stale: int = 0,
     metrics: dict[str, float] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
+    """``extra``: more entries for the checkpoint (the training loop's weight average)."""
     path = Path(directory) / FILENAME
     torch.save(
         {
@@ -65,22 +70,25 @@ def save_checkpoint(
             "best": best,
             "stale": stale,
             "metrics": json.dumps(metrics or {}),
+            **(extra or {}),
         },
         path,
     )
     return path
 
 
-def read_checkpoint(path: Path | str) -> dict[str, Any]:
-    """The saved state of checkpoint ``path`` (a directory or its file), loaded as tensors and
-    plain data only; anything else is a one-line :class:`CheckpointError`."""
-    path = Path(path)
-    if path.is_dir():
+def read_checkpoint(path: Location | str) -> dict[str, Any]:
+    """The saved state of checkpoint ``path`` (a directory or its file, local or a URI),
+    loaded as tensors and plain data only; anything else is a one-line
+    :class:`CheckpointError`."""
+    path = location(path)
+    if is_dir(path):
         path = path / FILENAME
-    if not path.exists():
+    if not exists(path):
         raise CheckpointError(f"{path}: no checkpoint here")
+    source = path if isinstance(path, Path) else io.BytesIO(read_bytes(path))
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a corrupt file
         raise CheckpointError(f"{path}: {_load_failure(error)}") from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
@@ -101,9 +109,9 @@ def _load_failure(error: Exception) -> str:
     return f"not a readable matsci-ray checkpoint (corrupt or truncated: {type(error).__name__})"
 
 
-def load_model(path: Path | str) -> tuple[MatSciModel, ExperimentConfig, dict[str, float]]:
+def load_model(path: Location | str) -> tuple[MatSciModel, ExperimentConfig, dict[str, float]]:
     """Model (eval mode), its config and the metrics recorded with it."""
-    state = read_checkpoint(Path(path))
+    state = read_checkpoint(path)
     config = ExperimentConfig.model_validate(json.loads(state["config"]))
     model = MatSciModel.from_config(config)
     model.load_state_dict(state["model"])
@@ -124,24 +132,24 @@ def load_training_state(
     return int(state["epoch"]), state["best"], int(state["stale"])
 
 
-def checkpoint_epoch(path: Path | str) -> int:
+def checkpoint_epoch(path: Location | str) -> int:
     """How many epochs the run had trained when it wrote checkpoint ``path``."""
-    return int(read_checkpoint(Path(path))["epoch"])
+    return int(read_checkpoint(path)["epoch"])
 
 
-def check_resume(path: Path | str, config: ExperimentConfig) -> int:
+def check_resume(path: Location | str, config: ExperimentConfig) -> int:
     """The epochs already trained at checkpoint ``path``, after checking that ``config`` can
     continue from it: the tasks, model and graph cutoff must be the checkpoint's (one line
     naming the first field that differs), and epochs must be left to train. Other changed
     settings are logged: the run continues with them, and the optimiser keeps the learning
     rate and weight decay it had."""
-    path = Path(path)
-    if not path.exists():
+    path = location(path)
+    if not exists(path):
         raise CheckpointError(
             f"{path}: no such checkpoint (--resume takes a checkpoint directory, "
             "e.g. runs/results/NAME/checkpoint_...)"
         )
-    if path.is_dir() and not (path / FILENAME).is_file():
+    if is_dir(path) and not is_file(path / FILENAME):
         raise CheckpointError(f"{path}: not a matsci-ray checkpoint directory (no {FILENAME})")
     state = read_checkpoint(path)
     saved, given = _flatten(json.loads(state["config"])), _flatten(dump_config(config))

@@ -19,7 +19,6 @@ dataset iterated outside the training loop) each execution gets a new order, Ray
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,8 @@ from typing import Any
 import numpy as np
 import ray.data
 from ray.data import RandomSeedConfig
+
+from matsci_ray.storage import location, read_text, write_text
 
 ORDER_FILE = ".data-order.json"
 
@@ -40,16 +41,13 @@ def order_seed(seed: int, *keys: int) -> int:
 def announce(path: Path | str, dataset: str, epoch: int, pass_index: int) -> None:
     """Record that ``dataset``'s next pass is pass ``pass_index`` of ``epoch`` (rank 0, before
     it starts iterating; the pass begins only once every rank has asked for it)."""
-    path = Path(path)
+    where = location(path)
     try:
-        passes = json.loads(path.read_text())
+        passes = json.loads(read_text(where))
     except (FileNotFoundError, json.JSONDecodeError):
         passes = {}
     passes[dataset] = [epoch, pass_index]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(passes))
-    os.replace(tmp, path)  # a reader never sees half a file
+    write_text(where, json.dumps(passes))  # atomic: a reader never sees half a file
 
 
 @dataclass(frozen=True)
@@ -65,7 +63,7 @@ class EpochOrder:
         if self.path is None:
             return None
         try:
-            entry = json.loads(Path(self.path).read_text()).get(self.dataset)
+            entry = json.loads(read_text(location(self.path))).get(self.dataset)
         except (FileNotFoundError, json.JSONDecodeError):
             return None
         return None if entry is None else (int(entry[0]), int(entry[1]))

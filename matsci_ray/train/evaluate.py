@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
+from matsci_ray.storage import Location, location, resolve
 from matsci_ray.tasks.registry import TASKS
 from matsci_ray.train.checkpoint import load_model
 from matsci_ray.train.metrics import score
@@ -12,12 +12,12 @@ from matsci_ray.train.trainer import graph_dataset
 
 
 def evaluate_checkpoint(
-    checkpoint: Path | str, split: str = "test", data_root: Path | None = None
+    checkpoint: Location | str, split: str = "test", data_root: Location | str | None = None
 ) -> dict[str, float]:
     """Metrics of every task of ``checkpoint`` on ``split`` (needs a running Ray)."""
     model, config, _ = load_model(checkpoint)
     if data_root is not None:
-        config.data.root = Path(data_root).resolve()
+        config.data.root = resolve(location(data_root))
     rows = itertools.chain.from_iterable(
         graph_dataset(config, dataset, split).iter_batches(
             batch_size=config.data.batch_size, batch_format="numpy"

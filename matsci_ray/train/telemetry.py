@@ -1,14 +1,20 @@
 """Where training numbers go besides ``ray.train.report``: TensorBoard event files and
 ``history.jsonl`` (rank 0, one line per epoch), and Ray's metrics export
-(``ray.util.metrics``, scraped by Prometheus for Grafana)."""
+(``ray.util.metrics``, scraped by Prometheus for Grafana).
+
+A run stored on an object store writes its event files to a local scratch directory, uploaded
+after each epoch's flush: TensorBoard's writer appends to a local file."""
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
+import tempfile
 from pathlib import Path
 
 from matsci_ray.config import ExperimentConfig
+from matsci_ray.storage import Location, append_text, location, read_text, upload_dir
 
 # Gauges exported per worker; names are the ones the Grafana dashboards query
 # (``dashboards/grafana``; Prometheus sees them with Ray's ``ray_`` prefix).
@@ -25,13 +31,14 @@ EXPORTED_METRICS = (*_GAUGES.values(), METRIC_GAUGE)
 HISTORY = "history.jsonl"
 
 
-def read_history(run_dir: Path) -> list[dict[str, float]]:
+def read_history(run_dir: Location | str) -> list[dict[str, float]]:
     """Per-epoch metrics of a run, the last report of each epoch (restarts repeat epochs)."""
-    path = Path(run_dir) / HISTORY
-    if not path.exists():
+    try:
+        text = read_text(location(run_dir) / HISTORY)
+    except FileNotFoundError:
         return []
     by_epoch = {}
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         row = json.loads(line)
         by_epoch[row["epoch"]] = row
     return [by_epoch[e] for e in sorted(by_epoch)]
@@ -41,12 +48,16 @@ class Telemetry:
     def __init__(self, config: ExperimentConfig, rank: int) -> None:
         self.rank = rank
         self.writer = None
-        self.history: Path | None = None
+        self.history: Location | None = None
+        self.upload: tuple[Path, Location] | None = None  # (scratch, destination)
         if rank == 0:
             from torch.utils.tensorboard import SummaryWriter
 
             run_dir = config.run.storage / config.name
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            events: Location = run_dir / "tensorboard"
+            if not isinstance(events, Path):
+                self.upload = (Path(tempfile.mkdtemp(prefix="tensorboard-")), events)
+            self.writer = SummaryWriter(log_dir=str(self.upload[0] if self.upload else events))
             self.history = run_dir / HISTORY
         self.tags = {"experiment": config.name}
         self._gauges: dict[str, object] = {}
@@ -77,10 +88,14 @@ class Telemetry:
                 self._metric_gauge.set(value, tags={**self.tags, "name": key})
         if self.writer is not None:
             self.writer.flush()
+        if self.upload is not None:
+            upload_dir(*self.upload)
         if self.history is not None:  # learning curves for reports, one JSON line per epoch
-            with self.history.open("a") as fh:
-                fh.write(json.dumps({**metrics, "epoch": step}) + "\n")
+            append_text(self.history, json.dumps({**metrics, "epoch": step}) + "\n")
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.upload is not None:
+            upload_dir(*self.upload)
+            shutil.rmtree(self.upload[0], ignore_errors=True)

@@ -7,7 +7,6 @@ cluster's CPUs in parallel with training, and each worker only collates its own 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import ray.data
@@ -21,6 +20,7 @@ from matsci_ray.data.manifest import read_manifest
 from matsci_ray.data.mixing import epoch_batches
 from matsci_ray.graphs.batching import RadiusGraphTransform
 from matsci_ray.graphs.collate import batch_targets
+from matsci_ray.storage import Location, location, ray_storage, resolve
 from matsci_ray.tasks.registry import TASKS, primary_metric
 from matsci_ray.train.checkpoint import check_resume
 from matsci_ray.train.data_order import (
@@ -56,7 +56,7 @@ def graph_batch_rows(summary: dict[str, Any]) -> int:
 
 def order_file(config: ExperimentConfig) -> str:
     """Where the training loop announces each pass's epoch (in the run directory)."""
-    return str((config.run.storage / config.name).resolve() / ORDER_FILE)
+    return str(resolve(config.run.storage / config.name) / ORDER_FILE)
 
 
 def epoch_order(config: ExperimentConfig, dataset: str) -> EpochOrder:
@@ -148,7 +148,7 @@ def checkpoint_config(config: ExperimentConfig) -> ray.train.CheckpointConfig:
 
 def build_trainer(
     config: ExperimentConfig,
-    resume_from: Path | None = None,
+    resume_from: Location | str | None = None,
     callbacks: list[Any] | None = None,
 ) -> TorchTrainer:
     """The trainer of ``config``: one data set (single- or multi-task) or several (multi-data,
@@ -160,6 +160,7 @@ def build_trainer(
     the workers in ``train_loop_config``, and the loop loads it unless Ray hands it a later
     checkpoint of this run (a restart, or a run directory that already went further)."""
     if resume_from is not None:  # before any cluster or data work: a bad path fails at once
+        resume_from = resolve(location(resume_from))
         check_resume(resume_from, config)
     callbacks = prepare_run(config, callbacks)  # checks model, cluster; user errors not retried
     ray.data.DataContext.get_current().enable_progress_bars = False  # per-epoch log noise
@@ -195,13 +196,13 @@ def build_trainer(
             "experiment": dump_config(config),
             "summaries": summaries,
             "steps_per_epoch": steps,
-            "resume_from": str(Path(resume_from).resolve()) if resume_from else None,
+            "resume_from": str(resume_from) if resume_from else None,
             "order_file": order_file(config),
         },
         scaling_config=scaling_config(config),
         run_config=ray.train.RunConfig(
             name=config.name,
-            storage_path=str(config.run.storage),
+            **ray_storage(config.run.storage),
             failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
             checkpoint_config=checkpoint_config(config),
             callbacks=callbacks,
