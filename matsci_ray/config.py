@@ -82,6 +82,15 @@ class DataConfig(_Strict):
     cache_max_atoms: int = Field(
         1_000_000, gt=0, description="'auto' caching limit (~2.5 kB of graph per atom at 6 Å)"
     )
+    max_atoms_per_batch: int | None = Field(
+        None,
+        gt=0,
+        description="batches of at most this many atoms per worker (structures packed "
+        "greedily in stream order; a larger structure trains alone) instead of batch_size "
+        "structures, which is then only the rows read at a time. It is the bound at MAX "
+        "workers: with fewer, each worker's share grows as batch_size's does, so a step "
+        "sees about N x MAX atoms at any size; None: batches of batch_size",
+    )
 
 
 def _registered_model(name: str) -> str:
@@ -212,6 +221,14 @@ class OptimConfig(_Strict):
         description="plateau: epochs in a row without gain (counted after warm-up) before a cut",
     )
     early_stopping_patience: int | None = Field(None, gt=0, description="epochs without gain")
+    ema_decay: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="exponential moving average of the weights, updated after every "
+        "optimiser step (typical 0.99-0.999); validation, checkpoints' weights and what "
+        "predicts from them are the average. None: off",
+    )
 
     @field_validator("early_stopping_patience")
     @classmethod
@@ -268,9 +285,25 @@ class RunConfig(_Strict):
     )
     seed: int = 42
     threads_per_worker: int | None = Field(None, gt=0, description="torch intra-op threads")
+    precision: Literal["fp32", "bf16", "tf32"] = Field(
+        "fp32",
+        description="training arithmetic: fp32; bf16, the encoder's forward under autocast "
+        "(CPU and CUDA; geometry, heads and force/stress derivatives stay fp32); tf32, CUDA "
+        "matmuls and convolutions in TF32 (no effect on CPU). Validation and inference: fp32",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the encoder for training; where it cannot (force tasks "
+        "need a double backward), the run trains uncompiled and says why in one warning",
+    )
     fail_at_epoch: int | None = Field(None, description="testing: kill rank 0 once at this epoch")
     fail_at_step: int | None = Field(
         None, description="testing: kill rank 0 once after this step's step checkpoint"
+    )
+    hold_shrunk_while_file_exists: Path | None = Field(
+        None,
+        description="testing: an elastic run on fewer than MAX workers waits after each epoch "
+        "while this file exists, so a test can add a node before the run ends",
     )
 
     @field_validator("num_workers")

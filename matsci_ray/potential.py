@@ -66,6 +66,14 @@ def energy_derivatives(
     return out
 
 
+def callers_autocast(device: str) -> torch.autocast:
+    """The autocast the caller has on (bf16 training), or a disabled one, to re-enter for the
+    encoder alone from inside a region that turns it off."""
+    enabled = torch.is_autocast_enabled(device)
+    dtype = torch.get_autocast_dtype(device) if enabled else None
+    return torch.autocast(device, dtype=dtype, enabled=enabled)
+
+
 class MatSciModel(nn.Module):
     def __init__(self, encoder: Encoder, tasks: list[TaskSpec], head_hidden: int = 128) -> None:
         super().__init__()
@@ -115,23 +123,34 @@ class MatSciModel(nn.Module):
         labels; stress implies forces)."""
         want_forces = self.needs_forces if forces is None else forces
         want_stress = want_forces and (carries_stress(batch) if stress is None else stress)
-        pos, cell = batch.pos, batch.cell
-        if want_forces and not pos.requires_grad:
-            pos.requires_grad_(True)
-        displacement = None
-        if want_stress:
-            batch, displacement = strained(batch)
-        out = self.encoder(batch)
-        if self._graph_unread:
-            out = out._replace(node=out.node + 0.0 * out.graph.sum())
-        preds: Predictions = {}
-        for name, head in self.heads.items():
-            value = head(out, batch)
-            preds[name] = {"value": value}
-            if want_forces and self.tasks[name].kind == "forces":
-                preds[name].update(
-                    energy_derivatives(value, pos, cell, displacement, self.training)
-                )
+        device = batch.pos.device.type
+        encoder_autocast = callers_autocast(device)
+        # Under a bf16 autocast (run.precision) only the encoder's forward is in bf16. The
+        # strain, the heads and each structure's energy sum stay in fp32, as do the positions
+        # and edge vectors (graphs.geometry): forces and stress are derivatives of the energy
+        # by positions and strain, taken twice in training (create_graph), and bf16's 8-bit
+        # mantissa would round a slab's summed energy (hundreds of eV) to about 1 eV and a
+        # 10 Å lattice vector by 0.02 Å before anything is differentiated.
+        with torch.autocast(device, enabled=False):
+            pos, cell = batch.pos, batch.cell
+            if want_forces and not pos.requires_grad:
+                pos.requires_grad_(True)
+            displacement = None
+            if want_stress:
+                batch, displacement = strained(batch)
+            with encoder_autocast:
+                out = self.encoder(batch)
+            out = out._replace(node=out.node.to(pos.dtype), graph=out.graph.to(pos.dtype))
+            if self._graph_unread:
+                out = out._replace(node=out.node + 0.0 * out.graph.sum())
+            preds: Predictions = {}
+            for name, head in self.heads.items():
+                value = head(out, batch)
+                preds[name] = {"value": value}
+                if want_forces and self.tasks[name].kind == "forces":
+                    preds[name].update(
+                        energy_derivatives(value, pos, cell, displacement, self.training)
+                    )
         return preds
 
     def potential(self, batch: Any, task: str, stress: bool = True) -> TaskPredictions:

@@ -16,7 +16,7 @@ Flat 1-D rows keep the columns plain Arrow lists (or Ray's variable-shaped tenso
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -25,6 +25,7 @@ import torch
 from torch_geometric.data import Batch
 
 from matsci_ray import keys as K
+from matsci_ray.data.mixing import _concat as concat_rows  # joins column slices, as mixing does
 from matsci_ray.graphs.neighbors import radius_graph_pbc
 
 EDGE_INDEX = "edge_index"
@@ -371,3 +372,62 @@ def rows_to_pyg_batch(
     zeros = torch.zeros(num_graphs, dtype=torch.long)
     out._inc_dict = {key: ptr_t[:-1] if key == "edge_index" else zeros for key in attrs}
     return out
+
+
+def row_atoms(rows: dict[str, Any]) -> np.ndarray:
+    """Atoms per row of a columnar batch: its ``natoms`` column, else its atomic numbers'
+    lengths."""
+    if K.NATOMS in rows:
+        return np.asarray(rows[K.NATOMS], dtype=np.int64).reshape(-1)
+    return ragged_rows(rows[K.ATOMIC_NUMBERS], (), np.int64)[1]
+
+
+class AtomPacker:
+    """Regroup a stream of columnar row batches into batches of at most ``max_atoms`` atoms.
+
+    Greedy in stream order: rows join the open batch while they fit, and a row that does not
+    fit closes it and opens the next one; no row is dropped, repeated or reordered. A row
+    larger than ``max_atoms`` on its own forms a batch alone, and is counted in
+    :attr:`oversized`. The rows of each incoming batch are placed with one ``searchsorted``
+    per outgoing batch over their cumulative atom counts; columns are joined only when a
+    batch is closed, and one batch at most is held open.
+    """
+
+    def __init__(self, max_atoms: int) -> None:
+        if max_atoms < 1:
+            raise ValueError(f"max_atoms must be at least 1, got {max_atoms}")
+        self.max_atoms = max_atoms
+        self.oversized = 0  # rows that were larger than max_atoms, each trained alone
+
+    def __call__(self, row_batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        runs: list[tuple[dict[str, Any], int, int]] = []  # the open batch: (rows, start, stop)
+        held = 0  # atoms in the open batch
+        for rows in row_batches:
+            atoms = row_atoms(rows)
+            ends = np.concatenate([[0], np.cumsum(atoms)])
+            start = 0
+            while start < len(atoms):
+                room = self.max_atoms - held
+                stop = int(np.searchsorted(ends, ends[start] + room, side="right")) - 1
+                if stop > start:  # rows start:stop fit in the open batch
+                    runs.append((rows, start, stop))
+                    held += int(ends[stop] - ends[start])
+                    start = stop
+                    if start == len(atoms):
+                        break  # the open batch may take rows of the next incoming batch
+                elif not runs:  # one row larger than max_atoms, alone
+                    self.oversized += 1
+                    runs.append((rows, start, start + 1))
+                    start += 1
+                yield _join(runs)
+                runs, held = [], 0
+        if runs:
+            yield _join(runs)
+
+
+def _join(runs: Sequence[tuple[dict[str, Any], int, int]]) -> dict[str, Any]:
+    """One columnar batch of the rows ``start:stop`` of each run, in order."""
+    return {
+        column: concat_rows([rows[column][start:stop] for rows, start, stop in runs])
+        for column in runs[0][0]
+    }

@@ -23,7 +23,8 @@ def edge_vectors(
     ``cell`` is ``(B, 3, 3)`` (rows are lattice vectors), ``batch`` maps atoms to graphs.
     """
     src, dst = edge_index[0], edge_index[1]
-    shift = torch.einsum("ej,ejk->ek", cell_offsets.to(pos.dtype), cell[batch[dst]])
+    with torch.autocast(pos.device.type, enabled=False):  # fp32 under bf16: forces derive from it
+        shift = torch.einsum("ej,ejk->ek", cell_offsets.to(pos.dtype), cell[batch[dst]])
     return pos[src] - pos[dst] + shift
 
 

@@ -15,6 +15,17 @@ many workers there are (the global batch rounds up to a multiple of ``w`` when `
 not divide it: at most ``w - 1`` structures more). DDP averages the workers' gradients, each
 the mean over its equal share, and PCGrad all-reduces per-task gradients the same way.
 
+With ``data.max_atoms_per_batch`` (N) a step is one batch of at most ``ceil(N x MAX / w)``
+atoms on each of ``w`` workers (:func:`worker_atom_budget`; a larger structure alone), so a
+step sees about N x MAX atoms at any world size, as a step of structures sees
+``data.batch_size`` x MAX structures. Shards pack into unequal numbers of such batches, so
+the workers step in lockstep until all are out (:func:`_steps`), and the schedule plans
+with the epoch's atoms (:func:`planned_steps`).
+
+Under ``optim.ema_decay`` the weights' moving average (:mod:`matsci_ray.train.ema`) is
+updated after every step, validated and checkpointed as the model; the checkpoint also holds
+the trained weights and the average's state, so any resume continues both exactly.
+
 A checkpoint written mid-epoch (``run.checkpoint_every_steps``) records the steps already
 taken in its epoch; the run that continues from it re-reads that epoch in the same seeded
 order and skips as many batches (of the current world size) as were trained, so it trains
@@ -29,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import logging
 import math
 import os
 import tempfile
@@ -46,15 +58,21 @@ from torch import nn
 
 from matsci_ray.config import ExperimentConfig
 from matsci_ray.data.mixing import MixedBatches, epoch_batches, mixture_weights
+from matsci_ray.graphs.batching import AtomPacker
 from matsci_ray.graphs.collate import batch_targets, collate
-from matsci_ray.potential import MatSciModel
+from matsci_ray.potential import MatSciModel, Predictions
+from matsci_ray.storage import Location, exists, is_file, location, read_text, write_text
 from matsci_ray.tasks.registry import primary_metric
 from matsci_ray.train.checkpoint import load_training_state, read_checkpoint, save_checkpoint
 from matsci_ray.train.data_order import announce, order_seed
+from matsci_ray.train.ema import ExponentialMovingAverage
 from matsci_ray.train.metrics import MetricSums, score, task_losses
 from matsci_ray.train.pcgrad import pcgrad_backward
+from matsci_ray.train.precision import maybe_compile, set_matmul_precision, training_autocast
 from matsci_ray.train.schedule import Schedule
 from matsci_ray.train.telemetry import HISTORY, Telemetry
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -71,10 +89,18 @@ class TrainState:
     world: int
     device: torch.device
     batch_size: int  # structures per step on this worker, its share of the global batch
+    atom_budget: int | None = None  # data.max_atoms_per_batch: atoms per step on this worker
+    ema: ExponentialMovingAverage[MatSciModel] | None = None  # optim.ema_decay's average
     epoch: int = 0  # epochs trained
     best: float | None = None  # the best primary metric so far
     stale: int = 0  # epochs since it improved
     report_s: float = 0.0  # how long the last epoch's checkpoint and report took
+
+    @property
+    def evaluated(self) -> MatSciModel:
+        """What is validated and checkpointed as the model: the weights' average under
+        ``optim.ema_decay``, else the trained weights."""
+        return self.ema.averaged if self.ema is not None else self.core
 
 
 @dataclass
@@ -109,6 +135,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         metrics = run_epoch(state, data)
         telemetry.log(metrics, state.epoch)
         report(state, metrics)
+        _hold_while_shrunk(state)
         if _should_stop(state, started):
             break
     telemetry.close()
@@ -120,6 +147,7 @@ def start(loop_config: dict[str, Any]) -> TrainState:
     ctx = ray.train.get_context()
     if config.run.threads_per_worker:
         torch.set_num_threads(config.run.threads_per_worker)
+    set_matmul_precision(config)
     torch.manual_seed(config.run.seed)
     core = MatSciModel.from_config(config)
     core.fit_normalisation(loop_config["summaries"])
@@ -127,7 +155,7 @@ def start(loop_config: dict[str, Any]) -> TrainState:
         core.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay
     )
     _, higher = primary_metric(config.tasks)
-    scheduler = Schedule(optimizer, config.optim, loop_config["steps_per_epoch"], higher)
+    scheduler = Schedule(optimizer, config.optim, planned_steps(config, loop_config), higher)
     world = ctx.get_world_size()
     state = TrainState(
         config=config,
@@ -139,8 +167,11 @@ def start(loop_config: dict[str, Any]) -> TrainState:
         world=world,
         device=ray.train.torch.get_device(),
         batch_size=worker_batch_size(config, world),
+        atom_budget=worker_atom_budget(config, world),
     )
-    _restore(state, loop_config)
+    restored = _restore(state, loop_config)
+    state.ema = _moving_average(state, restored)  # before compiling: it copies the model
+    maybe_compile(core, config, state.device)
     state.model = _prepare(core, config)
     return state
 
@@ -149,6 +180,52 @@ def worker_batch_size(config: ExperimentConfig, world: int) -> int:
     """Each of ``world`` workers' share of the global batch (``data.batch_size`` x the
     largest world size), rounded up."""
     return -(-config.data.batch_size * config.run.max_workers // world)
+
+
+def worker_atom_budget(config: ExperimentConfig, world: int) -> int | None:
+    """With atom batches, each of ``world`` workers' atoms per step: its share of the global
+    atom batch (``data.max_atoms_per_batch`` x the largest world size), rounded up, as
+    :func:`worker_batch_size` shares structures. A step is then one batch of at most this
+    many atoms on every worker (one structure alone if it is larger)."""
+    limit = config.data.max_atoms_per_batch
+    return None if limit is None else -(-limit * config.run.max_workers // world)
+
+
+def planned_steps(config: ExperimentConfig, loop_config: dict[str, Any]) -> int:
+    """Optimiser steps per epoch the lr schedule plans for: the driver's count of global
+    batches, or with atom batches the epoch's atoms over the global atom batch's expected
+    fill (a greedily packed batch closes about half a mean structure short). Packing order
+    moves the true count a little either way; past the plan the lr is held (Schedule)."""
+    limit = config.data.max_atoms_per_batch
+    if limit is None:
+        return int(loop_config["steps_per_epoch"])
+    summaries = loop_config["summaries"].values()
+    records = sum(int(s["records"]) for s in summaries)
+    atoms = sum(int(s["records"]) * _mean_atoms(s) for s in summaries)
+    fill = max(limit - 0.5 * atoms / max(records, 1), 1.0)
+    return max(math.ceil(atoms / (fill * config.run.max_workers)), 1)
+
+
+def _mean_atoms(summary: dict[str, Any]) -> float:
+    return float(summary.get("atoms_per_record", {}).get("mean", 0.0))
+
+
+def _moving_average(
+    state: TrainState, restored: dict[str, Any] | None
+) -> ExponentialMovingAverage[MatSciModel] | None:
+    """``optim.ema_decay``'s average on this worker's device: the checkpoint's, continued,
+    when the run resumes one that kept an average, else started from the weights the run
+    starts with."""
+    decay = state.config.optim.ema_decay
+    if decay is None:
+        return None
+    ema = ExponentialMovingAverage(state.core, decay)
+    saved = (restored or {}).get("ema")
+    if saved is not None:
+        assert restored is not None
+        ema.load(restored["model"], saved["updates"])
+    ema.averaged.to(state.device)
+    return ema
 
 
 def run_epoch(state: TrainState, data: EpochData) -> dict[str, float]:
@@ -181,7 +258,7 @@ def train_epoch(state: TrainState, data: EpochData) -> dict[str, float]:
     sums = MetricSums(core)
     epoch_start = wait = time.monotonic()
     waited, samples = 0.0, 0
-    trained = state.scheduler.steps_in_epoch  # > 0 when resumed from a mid-epoch checkpoint
+    packer = AtomPacker(state.atom_budget) if state.atom_budget is not None else None
     batches = train_batches(
         config,
         data.train,
@@ -191,37 +268,106 @@ def train_epoch(state: TrainState, data: EpochData) -> dict[str, float]:
         state.epoch,
         state.rank,
         data.order_file,
+        packer,
     )
-    for rows in itertools.islice(batches, trained, None):
+    # steps_in_epoch > 0: resumed from a mid-epoch checkpoint
+    for rows, counts in _steps(batches, state, state.scheduler.steps_in_epoch):
         batch = collate(rows, targets, core.datasets).to(state.device)
         waited += time.monotonic() - wait
-        preds = state.model(batch)
-        losses = task_losses(core, preds, batch, config.loss)
-        _optimiser_step(state, losses)
-        for name, loss in losses.items():
-            sums.add_loss(name, float(loss.detach()), batch.num_graphs)
-        sums.update(preds, batch)
-        samples += batch.num_graphs
+        preds, losses = _train_step(state, batch, counts)
+        if counts:
+            for name, loss in losses.items():
+                sums.add_loss(name, float(loss.detach()), batch.num_graphs)
+            sums.update(preds, batch)
+            samples += batch.num_graphs
         _maybe_checkpoint_step(state)
         wait = time.monotonic()
     elapsed = time.monotonic() - epoch_start
-    return {
+    metrics = {
         **sums.compute("train/"),
         "time/train_s": elapsed,
         "train/samples_per_s": samples * state.world / max(elapsed, 1e-9),
         "train/data_wait_fraction": waited / max(elapsed, 1e-9),
     }
+    if packer is not None:
+        metrics["train/oversized_structures"] = packer.oversized
+        _warn_oversized(state, packer.oversized)
+    return metrics
+
+
+def _steps(
+    batches: Iterator[dict[str, Any]], state: TrainState, skip: int
+) -> Iterator[tuple[dict[str, Any], bool]]:
+    """The epoch's steps after the first ``skip`` (already trained): ``(rows, counts)``.
+
+    Row batches come in equal numbers on every worker. Atom batches do not: the workers'
+    shards hold as many rows but not as many atoms. DDP (and PCGrad's all-reduce) needs every
+    worker in every step, so before each step the workers all-reduce whether any still has a
+    batch, and the epoch ends when none has. A worker that has run out takes the remaining
+    steps on its last batch with ``counts`` False: a zero-weighted loss, which adds nothing
+    to the averaged gradient and is left out of the epoch's metrics."""
+    iterator = iter(batches)
+    last = None
+    for skipped in itertools.islice(iterator, skip):
+        last = skipped
+    lockstep = state.atom_budget is not None and state.world > 1 and dist.is_initialized()
+    while True:
+        rows = next(iterator, None)
+        more = _any_worker(rows is not None, state) if lockstep else rows is not None
+        if not more:
+            return
+        if rows is not None:
+            last = rows
+            yield rows, True
+        elif last is None:
+            raise RuntimeError(f"worker {state.rank} has no training rows in this epoch")
+        else:
+            yield last, False
+
+
+def _any_worker(flag: bool, state: TrainState) -> bool:
+    """Whether ``flag`` holds on some worker (an all-reduce: every worker must call it)."""
+    value = torch.tensor([int(flag)], device=state.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _train_step(
+    state: TrainState, batch: Any, counts: bool
+) -> tuple[Predictions, dict[str, torch.Tensor]]:
+    """Forward (under ``run.precision``), losses and one optimiser step; a step that does not
+    ``count`` (:func:`_steps`) is taken with the losses weighted zero."""
+    with training_autocast(state.config, state.device):
+        preds = state.model(batch)
+    losses = task_losses(state.core, preds, batch, state.config.loss)
+    _optimiser_step(state, losses if counts else {k: 0.0 * v for k, v in losses.items()})
+    return preds, losses
+
+
+def _warn_oversized(state: TrainState, oversized: int) -> None:
+    if oversized and state.rank == 0:
+        logger.warning(
+            "epoch %d: %d structure(s) of more than %d atoms (data.max_atoms_per_batch's "
+            "share per worker) trained alone, each a batch of its own",
+            state.epoch + 1,
+            oversized,
+            state.atom_budget,
+        )
 
 
 def validate(state: TrainState, data: EpochData) -> dict[str, float]:
     """Exact ``val/`` metrics: each worker scores its shard of every validation set (split
     unevenly, so no row is dropped; a shard may be empty) and the sums and counts are
     all-reduced, the same figures on every rank."""
-    rows = itertools.chain.from_iterable(
-        shard.iter_batches(batch_size=state.config.data.batch_size, batch_format="numpy")
+    config = state.config
+    rows: Iterator[dict[str, Any]] = itertools.chain.from_iterable(
+        shard.iter_batches(batch_size=config.data.batch_size, batch_format="numpy")
         for shard in data.val.values()
     )
-    metrics = score(state.core, rows, state.device, distributed=True)
+    if config.data.max_atoms_per_batch is not None:  # the memory bound, whatever the world size
+        rows = AtomPacker(config.data.max_atoms_per_batch)(rows)
+    # fp32, and the weights' average under optim.ema_decay: what predicts from the checkpoint
+    metrics = score(state.evaluated, rows, state.device, distributed=True)
     return {f"val/{k}": v for k, v in metrics.items()}
 
 
@@ -247,7 +393,7 @@ def report(state: TrainState, metrics: dict[str, float]) -> None:
         if state.rank == 0:
             save_checkpoint(
                 Path(directory),
-                state.core,
+                state.evaluated,  # the weights that are validated and predict
                 state.config,
                 state.optimizer,
                 state.scheduler,
@@ -255,6 +401,7 @@ def report(state: TrainState, metrics: dict[str, float]) -> None:
                 state.best,
                 state.stale,
                 metrics,
+                extra={"ema": state.ema.state_dict(state.core) if state.ema else None},
             )
             checkpoint = ray.train.Checkpoint.from_directory(directory)
         ray.train.report(metrics, checkpoint=checkpoint)
@@ -279,6 +426,8 @@ def _optimiser_step(state: TrainState, losses: dict[str, torch.Tensor]) -> None:
         nn.utils.clip_grad_norm_(state.core.parameters(), config.optim.grad_clip)
     state.optimizer.step()
     state.scheduler.step_batch()
+    if state.ema is not None:  # DDP's replicas are equal after the step: no all-reduce
+        state.ema.update(state.core)
 
 
 def _early_stopping(state: TrainState, value: float) -> None:
@@ -308,6 +457,15 @@ def _maybe_fail(config: ExperimentConfig, epoch: int, rank: int) -> None:
         _die_once(config, f".failed-at-{epoch}")
 
 
+def _hold_while_shrunk(state: TrainState) -> None:
+    """Testing hook: on fewer than MAX workers, wait after the epoch (reported and
+    checkpointed) while ``run.hold_shrunk_while_file_exists`` exists, so the run cannot end
+    before a test's new node joins; the resize to more workers ends this group meanwhile."""
+    gate, full = state.config.run.hold_shrunk_while_file_exists, state.config.run.max_workers
+    while gate is not None and state.world < full and gate.exists():
+        time.sleep(0.2)
+
+
 def _maybe_fail_at_step(config: ExperimentConfig, step: int, rank: int) -> None:
     """Testing hook: rank 0 dies (once per run directory) after reporting the checkpoint of
     step ``run.fail_at_step``, once the controller has had time to collect that report (it
@@ -320,10 +478,9 @@ def _maybe_fail_at_step(config: ExperimentConfig, step: int, rank: int) -> None:
 def _die_once(config: ExperimentConfig, marker_name: str, after_s: float = 0.0) -> None:
     """Exit this worker at once, unless the run directory's ``marker_name`` says it did."""
     marker = config.run.storage / config.name / marker_name
-    if marker.exists():
+    if exists(marker):
         return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.touch()
+    write_text(marker, "")
     time.sleep(after_s)
     os._exit(1)
 
@@ -337,10 +494,19 @@ def train_batches(
     epoch: int = 0,
     rank: int = 0,
     order_file: str | None = None,
+    packer: AtomPacker | None = None,
 ) -> Iterator[dict[str, Any]]:
     """One epoch of row batches of ``batch_size`` rows (this worker's share of the global
     batch): a single data set streams directly; several are interleaved by the mixing
     schedule so that no data set starves.
+
+    With a ``packer`` (``data.max_atoms_per_batch``) the rows are read ``batch_size`` at a
+    time and regrouped into batches of at most its atoms. A single data set's pass is then
+    used once, every row in one batch; several are interleaved for exactly this worker's
+    share of the epoch's rows, ``ceil(total / world_size)``, so under proportional mixing
+    with one worker every row is used once too (the schedule's first ``total`` slots hold
+    each data set exactly its size), and with several up to one row more or less per data
+    set, as Ray's equal split of each data set leaves them.
 
     Each pass over a data set is ordered by ``(run seed, epoch, pass)`` alone: rank 0
     announces it in ``order_file`` for the split's coordinator, and the local shuffle buffer
@@ -370,16 +536,27 @@ def train_batches(
         return start
 
     if len(shards) == 1:
-        return passes(*next(iter(shards.items())))()
+        rows = passes(*next(iter(shards.items())))()
+        return rows if packer is None else packer(rows)
     weights = mixture_weights(sizes, config.data.mix, config.data.mix_temperature)
-    return iter(
-        MixedBatches(
-            {name: passes(name, shard) for name, shard in shards.items()},
-            weights,
-            batch_size,
-            epoch_batches(sizes, batch_size, world_size),
-        )
-    )
+    sources = {name: passes(name, shard) for name, shard in shards.items()}
+    if packer is None:
+        batches = epoch_batches(sizes, batch_size, world_size)
+        return iter(MixedBatches(sources, weights, batch_size, batches))
+    share = -(-sum(sizes.values()) // world_size)
+    mixed = MixedBatches(sources, weights, batch_size, -(-share // batch_size))
+    return packer(_first_rows(iter(mixed), share))
+
+
+def _first_rows(batches: Iterator[dict[str, Any]], count: int) -> Iterator[dict[str, Any]]:
+    """The first ``count`` rows of ``batches``, the last batch cut short."""
+    for rows in batches:
+        size = len(next(iter(rows.values()), ()))
+        if size >= count:
+            yield {column: values[:count] for column, values in rows.items()}
+            return
+        yield rows
+        count -= size
 
 
 def _prepare(core: MatSciModel, config: ExperimentConfig) -> nn.Module:
@@ -394,8 +571,10 @@ def _prepare(core: MatSciModel, config: ExperimentConfig) -> nn.Module:
     return model
 
 
-def _restore(state: TrainState, loop_config: dict[str, Any]) -> None:
-    """Load the checkpoint this worker group starts from into ``state`` (epoch, best, stale).
+def _restore(state: TrainState, loop_config: dict[str, Any]) -> dict[str, Any] | None:
+    """Load the checkpoint this worker group starts from into ``state`` (epoch, best, stale,
+    and the trained weights where it kept a weight average beside them); the checkpoint's
+    state, or ``None`` when the run starts afresh.
 
     Ray Train V2 hands the loop this run's latest checkpoint (after a ``FailureConfig``
     restart, or when a run directory of the same name and storage already holds one), and
@@ -404,34 +583,37 @@ def _restore(state: TrainState, loop_config: dict[str, Any]) -> None:
     resume = loop_config.get("resume_from")
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and resume is None:
-        return
+        return None
     with contextlib.ExitStack() as stack:
         candidates = []
         if checkpoint is not None:
             candidates.append(Path(stack.enter_context(checkpoint.as_directory())))
         if resume is not None:
-            candidates.append(Path(resume))
+            candidates.append(location(resume))
         states = [read_checkpoint(path) for path in candidates]  # each read once
         latest = max(range(len(states)), key=lambda i: int(states[i]["epoch"]))  # Ray's on a tie
         restored = load_training_state(states[latest], state.core, state.optimizer, state.scheduler)
+    ema = states[latest].get("ema")
+    if ema is not None:  # its model is the average: training goes on from the raw weights
+        state.core.load_state_dict(ema["raw_model"])
     state.epoch, state.best, state.stale = restored
     if state.rank == 0:
-        resumed = resume is not None and candidates[latest] == Path(resume)
-        _settle_history(state.config, Path(resume) if resumed else None, state.epoch)
+        resumed = resume is not None and candidates[latest] == location(resume)
+        _settle_history(state.config, location(resume) if resumed else None, state.epoch)
+    return states[latest]
 
 
-def _settle_history(config: ExperimentConfig, resumed: Path | None, epoch: int) -> None:
+def _settle_history(config: ExperimentConfig, resumed: Location | None, epoch: int) -> None:
     """Make ``history.jsonl`` hold epochs 1 to ``epoch`` once each, before the run goes on
     from a checkpoint of ``epoch``: a run resumed under a new name starts it with the source
     run's epochs (``resumed``: the checkpoint it resumes), and a restart drops any epoch
     logged after its checkpoint (a worker lost between logging an epoch and reporting it)."""
     target = config.run.storage / config.name / HISTORY
-    source = target if target.exists() or resumed is None else resumed.parent / HISTORY
-    if not source.is_file():
+    source = target if exists(target) or resumed is None else resumed.parent / HISTORY
+    if not is_file(source):
         return
-    rows = [line for line in source.read_text().splitlines() if line.strip()]
+    rows = [line for line in read_text(source).splitlines() if line.strip()]
     kept = [line for line in rows if json.loads(line).get("epoch", 0) <= epoch]
     if source == target and len(kept) == len(rows):
         return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text("".join(f"{line}\n" for line in kept))
+    write_text(target, "".join(f"{line}\n" for line in kept))

@@ -1,0 +1,407 @@
+"""Training features: a moving average of the weights (``optim.ema_decay``), bf16 autocast
+(``run.precision``), atom-balanced batches (``data.max_atoms_per_batch``) and torch.compile
+of the encoder (``run.compile``)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torch import nn
+
+from matsci_ray import keys as K
+from matsci_ray.config import ExperimentConfig, LossConfig
+from matsci_ray.data.dataset import shard_paths
+from matsci_ray.graphs.batching import AtomPacker, RadiusGraphTransform, rows_to_pyg_batch
+from matsci_ray.tasks.registry import TASKS
+from matsci_ray.train.ema import ExponentialMovingAverage
+from matsci_ray.train.metrics import task_losses
+from matsci_ray.train.precision import maybe_compile, training_autocast, uses_bf16
+from tests.samples import TINY_EGNN, ingest_in_process, tiny_model
+from tests.test_step_checkpoints import ordered  # noqa: F401 - the fixture, by name
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# --- the moving average --------------------------------------------------------------------
+
+
+def test_ema_follows_the_update_rule_and_copies_buffers() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    ema = ExponentialMovingAverage(model, decay=0.9)
+    expected = [p.detach().clone() for p in model.parameters()]
+    for step in range(30):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model(torch.randn(8, 3))  # moves BatchNorm's running statistics (buffers)
+        decay = min(0.9, (1 + step) / (10 + step))  # the warm-up, then the decay
+        expected = [
+            decay * e + (1 - decay) * p.detach()
+            for e, p in zip(expected, model.parameters(), strict=True)
+        ]
+        ema.update(model)
+    for averaged, want in zip(ema.averaged.parameters(), expected, strict=True):
+        torch.testing.assert_close(averaged, want, rtol=1e-5, atol=1e-6)
+    for averaged, trained in zip(ema.averaged.parameters(), model.parameters(), strict=True):
+        assert not torch.allclose(averaged, trained)
+    for averaged, trained in zip(ema.averaged.buffers(), model.buffers(), strict=True):
+        assert torch.equal(averaged, trained)
+    assert ema.updates == 30 and not ema.averaged.training
+
+
+# --- bf16 ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lips(samples: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """LiPS frames (83 atoms, energy and forces) ingested, and their training rows with
+    graphs at the tiny model's 4 Å."""
+    root = ingest_in_process(
+        "lips", samples / "lips" / "lips_devset.extxyz", tmp_path_factory.mktemp("lips")
+    )
+    table = pa.concat_tables(pq.read_table(p) for p in shard_paths(root, "lips", "train"))
+    columns = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
+    return root, RadiusGraphTransform(4.0)(columns)
+
+
+def _lips_batch(rows: dict, start: int, size: int = 4) -> object:
+    picked = {k: v[start : start + size] for k, v in rows.items()}
+    return rows_to_pyg_batch(picked, TASKS["lips-forces"].columns)
+
+
+def _bf16(config: ExperimentConfig) -> ExperimentConfig:
+    return config.model_copy(update={"run": config.run.model_copy(update={"precision": "bf16"})})
+
+
+def _step(
+    model: nn.Module,
+    batch: object,
+    config: ExperimentConfig,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> float:
+    """One optimiser step (default: a fresh AdamW at lr 1e-3), as the loop takes it; the loss."""
+    optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.train()
+    with training_autocast(config, torch.device("cpu")):
+        preds = model(batch)
+    loss = torch.stack(list(task_losses(model, preds, batch, LossConfig()).values())).sum()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def _energies_forces(model: nn.Module, batch: object) -> tuple[torch.Tensor, torch.Tensor]:
+    model.eval()
+    out = model(batch, forces=True)["lips-forces"]
+    return out["value"].detach(), out["forces"].detach()
+
+
+def test_bf16_step_agrees_with_fp32(lips: tuple[Path, dict]) -> None:
+    """From the same weights, one training step under bf16 autocast and one in fp32 give
+    models whose fp32 energies and forces on other frames agree to within 1 % (forces, as a
+    norm of the difference) and 1 meV/atom (energies).
+
+    Why those bounds: bf16 keeps 8 significant bits, a relative rounding of 2^-9 = 0.2 % per
+    rounded input; a tiny EGNN rounds its features a few times per layer, so its features, and
+    the gradients that flow back through them, are off by a few tenths of a percent, and one
+    AdamW step of lr 1e-3 moves each weight by at most about 1e-3 either way. A forward in bf16
+    that broke the fp32 split (positions, edge vectors or the energy sum in bf16) is off by far
+    more: an 83-atom LiPS energy of about -350 eV rounds in bf16 to a 2 eV grid."""
+    root, rows = lips
+    model, config = tiny_model("lips-bf16", root, ["lips-forces"])
+    fp32, bf16 = model, copy.deepcopy(model)
+    train, held_out = _lips_batch(rows, 0), _lips_batch(rows, 40)
+    _step(fp32, train, config)
+    _step(bf16, train, _bf16(config))
+    (e32, f32), (e16, f16) = _energies_forces(fp32, held_out), _energies_forces(bf16, held_out)
+    atoms = held_out.natoms.to(torch.float32)
+    assert float(((e16 - e32).abs() / atoms).max()) < 1e-3
+    assert float((f16 - f32).norm() / f32.norm()) < 0.01
+    assert not torch.equal(f16, f32)  # the bf16 step did run in bf16
+
+
+@pytest.mark.slow
+def test_bf16_training_lowers_the_loss(lips: tuple[Path, dict]) -> None:
+    root, rows = lips
+    bf16, config = tiny_model("lips-bf16", root, ["lips-forces"])
+    optimizer = torch.optim.AdamW(bf16.parameters(), lr=3e-3)
+    batches = [_lips_batch(rows, 4 * k) for k in range(10)]
+    losses = [_step(bf16, batches[k % 10], _bf16(config), optimizer) for k in range(60)]
+    assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10]), losses
+
+
+@pytest.mark.parametrize("name", ["egnn", "megnet", "gala"])
+def test_bf16_forward_keeps_energies_forces_and_stress_in_fp32(
+    name: str, lips: tuple[Path, dict]
+) -> None:
+    """Every encoder that runs under autocast: predictions come out in fp32, the encoder's
+    matmuls in bf16 (they differ from fp32), and a double backward (force training) runs."""
+    from matsci_ray.models import build_encoder
+    from matsci_ray.models.registry import MODELS
+    from matsci_ray.potential import MatSciModel
+
+    _, rows = lips
+    torch.manual_seed(0)
+    encoder = build_encoder(name, 4.0, MODELS.get(name).small_params())
+    model = MatSciModel(encoder, [TASKS["lips-forces"]], 16).train()
+    batch = _lips_batch(rows, 0, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch, stress=True)["lips-forces"]
+    assert {out[k].dtype for k in ("value", "forces", "stress")} == {torch.float32}
+    (out["forces"].square().sum() + out["stress"].square().sum()).backward()  # double backward
+    assert all(p.grad is not None for p in model.encoder.parameters() if p.requires_grad)
+    assert not torch.equal(out["value"].detach(), model(batch)["lips-forces"]["value"].detach())
+
+
+def test_mace_asked_for_bf16_trains_in_fp32_and_says_why(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from matsci_ray.train.precision import set_matmul_precision
+
+    egnn = ExperimentConfig.model_validate(
+        {
+            "name": "bf16",
+            "tasks": ["lips-forces"],
+            "data": {"root": "."},
+            "run": {"precision": "bf16"},
+        }
+    )
+    # not validated again: a MACE config's validation imports e3nn, which takes a while
+    config = egnn.model_copy(update={"model": egnn.model.model_copy(update={"name": "mace"})})
+    with caplog.at_level(logging.WARNING, logger="matsci_ray.train.precision"):
+        set_matmul_precision(config)
+    assert not uses_bf16(config)
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "matsci_ray.train.precision"]
+    assert "mace trains in fp32, not bf16" in line and "tensordot" in line
+    assert uses_bf16(egnn)
+
+
+# --- atom-balanced batches -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mixed_stream(samples: Path) -> list[dict[str, np.ndarray]]:
+    """Real atom counts of MP cells (1-ish to tens of atoms) and OC20 slabs (33-185 atoms),
+    interleaved and cut into row batches of 1 to 16 rows, as a mixed Ray Data stream hands
+    them over; ``atomic_numbers`` an object column, as Ray gives list columns."""
+    import ase.io
+
+    docs = (samples / "materials_project" / "summary_docs.jsonl").read_text().splitlines()
+    rows = [(f"mp:{k}", len(json.loads(d)["structure"]["sites"])) for k, d in enumerate(docs)]
+    for path in sorted((samples / "oc20" / "trajectories").glob("random*.traj"))[:8]:
+        rows += [(f"{path.stem}:{i}", len(a)) for i, a in enumerate(ase.io.read(path, "0:40:8"))]
+    rng = np.random.default_rng(0)
+    rows = [rows[i] for i in rng.permutation(len(rows))]
+    batches, start = [], 0
+    while start < len(rows):
+        part = rows[start : start + int(rng.integers(1, 17))]
+        numbers = np.empty(len(part), dtype=object)
+        numbers[:] = [np.full(n, 8, dtype=np.int64) for _, n in part]
+        batches.append(
+            {
+                K.SAMPLE_ID: np.array([s for s, _ in part]),
+                K.NATOMS: np.array([n for _, n in part], dtype=np.int32),
+                K.ATOMIC_NUMBERS: numbers,
+            }
+        )
+        start += len(part)
+    return batches
+
+
+@pytest.mark.parametrize("limit", [64, 150, 400])
+def test_atom_packer_bounds_every_batch_and_uses_every_row_once(
+    limit: int, mixed_stream: list[dict[str, np.ndarray]]
+) -> None:
+    packer = AtomPacker(limit)
+    packed = list(packer(iter(mixed_stream)))
+    given = np.concatenate([b[K.SAMPLE_ID] for b in mixed_stream])
+    natoms = np.concatenate([b[K.NATOMS] for b in mixed_stream])
+    assert np.array_equal(np.concatenate([b[K.SAMPLE_ID] for b in packed]), given)  # in order
+    sizes = [int(b[K.NATOMS].sum()) for b in packed]
+    for batch, size in zip(packed, sizes, strict=True):
+        assert size <= limit or len(batch[K.NATOMS]) == 1, size
+        lengths = [len(z) for z in batch[K.ATOMIC_NUMBERS]]
+        assert lengths == batch[K.NATOMS].tolist()  # the object column travelled with its rows
+    for size, following in zip(sizes, packed[1:], strict=False):
+        assert size + int(following[K.NATOMS][0]) > limit  # greedy: the next row did not fit
+    assert packer.oversized == int((natoms > limit).sum())
+    if limit == 64:
+        assert packer.oversized > 0  # OC20 slabs are larger: each alone
+
+
+@pytest.fixture(scope="module")
+def mp_oc20_root(samples: Path, tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> Path:
+    """Materials Project documents and five OC20 relaxations (four hash into train, one into
+    test, none of the samples into val), ingested into one root."""
+    from matsci_ray.data.ingest import run_ingest
+    from matsci_ray.data.shards import IngestOptions
+
+    root = tmp_path_factory.mktemp("mp-oc20")
+    ingest_in_process(
+        "materials-project", samples / "materials_project" / "summary_docs.jsonl", root
+    )
+    trajectories = tmp_path_factory.mktemp("oc20-trajectories")
+    for path in sorted((samples / "oc20" / "trajectories").glob("random*.traj"))[:5]:
+        (trajectories / path.name).symlink_to(path)  # the samples, read where they are
+    options = IngestOptions(source="oc20-s2ef")
+    run_ingest("oc20-s2ef", [trajectories], root, options, progress=False)
+    return root
+
+
+def _mixed_config(root: Path, storage: Path, name: str, **run: object) -> ExperimentConfig:
+    return ExperimentConfig.model_validate(
+        {
+            "name": name,
+            "tasks": ["mp-band-gap", "s2ef-energy"],
+            "data": {
+                "root": str(root),
+                "cutoff": 4.0,
+                "batch_size": 8,
+                "max_train_samples": 40,
+                "max_atoms_per_batch": 120,
+                "val_split": "test",
+            },
+            "model": {"name": "egnn", "params": TINY_EGNN, "head_hidden": 16},
+            "optim": {"lr": 3e-3, "epochs": 2, "scheduler": "cosine"},
+            "run": {
+                "num_workers": 1,
+                "cpus_per_worker": 0.5,
+                "storage": str(storage),
+                "threads_per_worker": 1,
+                **run,
+            },
+        }
+    )
+
+
+@pytest.mark.slow
+def test_mixed_ray_data_epoch_packs_every_row_once(mp_oc20_root: Path, tmp_path: Path) -> None:
+    """The loop's own epoch over Ray Data (two data sets mixed proportionally, one worker):
+    every batch within the atom bound unless one slab alone exceeds it, every row once."""
+    from matsci_ray.train.loop import train_batches
+    from matsci_ray.train.trainer import graph_dataset
+
+    config = _mixed_config(mp_oc20_root, tmp_path, "packing")
+    shards, sizes, expected = {}, {}, []
+    for name in config.datasets:
+        ds = graph_dataset(config, name, "train", 40, shuffle_files=False)
+        shards[name], sizes[name] = ds, ds.count()
+        expected += [(name, s) for s in ds.select_columns([K.SAMPLE_ID]).to_pandas()[K.SAMPLE_ID]]
+    packer = AtomPacker(120)
+    seen = []
+    for rows in train_batches(config, shards, sizes, 8, 1, packer=packer):
+        atoms = np.asarray(rows[K.NATOMS])
+        assert atoms.sum() <= 120 or len(atoms) == 1
+        seen += list(zip(rows[K.DATASET], rows[K.SAMPLE_ID], strict=True))
+    assert sorted(seen) == sorted(expected)  # each row exactly once
+    assert {name for name, _ in seen} == set(config.datasets)
+
+
+@pytest.mark.slow
+def test_two_workers_train_on_atom_batches(mp_oc20_root: Path, tmp_path: Path) -> None:
+    """Two DDP workers whose shards pack into different numbers of batches keep in step
+    (the epoch ends when both are out), and the run trains, validates and checkpoints."""
+    from matsci_ray.train.telemetry import read_history
+    from matsci_ray.train.trainer import build_trainer
+
+    config = _mixed_config(mp_oc20_root, tmp_path / "runs", "atom-batches", num_workers=2)
+    result = build_trainer(config).fit()
+    assert result.error is None
+    history = read_history(config.run.storage / config.name)
+    assert [row["epoch"] for row in history] == [1, 2]
+    for row in history:
+        assert row["train/oversized_structures"] >= 0
+        assert np.isfinite(row["train/s2ef-energy/loss"]) and np.isfinite(
+            row["val/s2ef-energy/mse"]
+        )
+    assert history[-1]["step"] > 2
+
+
+# --- the moving average in training: validated, checkpointed, resumed -------------------------
+
+
+@pytest.fixture(scope="module")
+def mp_root(samples: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    docs = samples / "materials_project" / "summary_docs.jsonl"
+    return ingest_in_process("materials-project", docs, tmp_path_factory.mktemp("mp"))
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_local", "ordered")
+def test_ema_is_validated_checkpointed_and_resumed_exactly(mp_root: Path, tmp_path: Path) -> None:
+    """An uninterrupted run and one whose worker dies after the step-6 checkpoint (mid-epoch)
+    end with the same averaged and raw weights; the checkpoint's model is the average, and it
+    alone reproduces the run's validation metric (validation scored the average)."""
+    from matsci_ray.train.checkpoint import read_checkpoint
+    from matsci_ray.train.evaluate import evaluate_checkpoint
+    from matsci_ray.train.trainer import build_trainer
+    from tests.test_resume import _raw
+
+    def config(name: str, **run: object) -> ExperimentConfig:
+        raw = _raw(mp_root, tmp_path / "runs", name, checkpoint_every_steps=3, **run)
+        raw["optim"]["ema_decay"] = 0.9
+        return ExperimentConfig.model_validate(raw)
+
+    full = build_trainer(config("full")).fit()
+    restarted = build_trainer(config("restarted", fail_at_step=6, max_failures=1)).fit()
+    assert (tmp_path / "runs" / "restarted" / ".failed-at-step-6").exists()
+    a, b = read_checkpoint(full.checkpoint.path), read_checkpoint(restarted.checkpoint.path)
+    assert a["ema"]["updates"] == b["ema"]["updates"] == full.metrics["step"] == 12
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(b["ema"]["raw_model"][key], a["ema"]["raw_model"][key])
+    assert any(
+        not torch.equal(value, a["ema"]["raw_model"][key]) for key, value in a["model"].items()
+    )
+    metric = "mp-band-gap/mse"
+    scored = evaluate_checkpoint(full.checkpoint.path, split="val")[metric]
+    assert scored == pytest.approx(full.metrics[f"val/{metric}"], rel=1e-5)
+
+
+# --- torch.compile -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def compiler() -> Iterator[None]:
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("torch.compile on CPU needs a C++ compiler (g++ or c++), and none is here")
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("compiler")
+def test_compile_trains_energy_only_and_falls_back_for_forces(
+    lips: tuple[Path, dict], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A tiny EGNN on LiPS energies compiles, and its compiled training step computes what
+    the eager one does; with forces (a double backward) it stays eager and says why."""
+    root, rows = lips
+    model, config = tiny_model("compiled", root, ["lips-energy"])
+    config.run.compile = True
+    eager = copy.deepcopy(model)
+    assert maybe_compile(model, config, torch.device("cpu"))
+    batch = rows_to_pyg_batch({k: v[:4] for k, v in rows.items()}, TASKS["lips-energy"].columns)
+    losses = [_step(m, batch, config) for m in (model, eager)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    for compiled, plain in zip(model.parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(compiled, plain, rtol=1e-4, atol=1e-6)
+
+    forces, forces_config = tiny_model("compiled-forces", root, ["lips-forces"])
+    forces_config.run.compile = True
+    with caplog.at_level(logging.WARNING, logger="matsci_ray.train.precision"):
+        assert not maybe_compile(forces, forces_config, torch.device("cpu"))
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "matsci_ray.train.precision"]
+    assert "trains uncompiled" in line and "double backward" in line
