@@ -35,7 +35,6 @@ from matsci_ray.models import (
     SET_BY_BUILDER,
     encoder_class,
     encoder_signature,
-    model_names,
 )
 from matsci_ray.storage import LocationField, resolve
 from matsci_ray.tasks.registry import TASKS, ForceLoss
@@ -111,7 +110,7 @@ class _RegisteredModels:
     def __get_pydantic_json_schema__(
         self, schema: CoreSchema, handler: GetJsonSchemaHandler
     ) -> JsonSchemaValue:
-        return {**handler(schema), "enum": model_names()}
+        return {**handler(schema), "enum": MODELS.names()}
 
 
 ModelName = Annotated[str, AfterValidator(_registered_model), _RegisteredModels()]

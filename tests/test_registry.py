@@ -176,7 +176,7 @@ def test_config_refuses_an_unknown_model_naming_the_choices(tmp_path: Path) -> N
         load_config(_write(tmp_path / "exp.yaml", raw))
     assert str(error.value) == (
         f"{tmp_path / 'exp.yaml'}: model.name: unknown model 'egn'; did you mean egnn? "
-        f"choose from {', '.join(model_names())}"
+        f"choose from {', '.join(MODELS.names())}"  # every family: cdvae is a model.name too
     )
     study = {"name": "s", "family": "single-task", "base": {**raw, "model": {}}, "models": ["x"]}
     with pytest.raises(ConfigError, match=r"models\.0: unknown model 'x'; choose from egnn"):
@@ -184,10 +184,12 @@ def test_config_refuses_an_unknown_model_naming_the_choices(tmp_path: Path) -> N
 
 
 def test_config_schema_lists_the_registered_models() -> None:
+    """Every model a config accepts, generative ones included (cdvae is a valid model.name)."""
     model = ExperimentConfig.model_json_schema()["$defs"]["ModelConfig"]["properties"]["name"]
-    assert model["enum"] == model_names()
+    assert model["enum"] == MODELS.names()
+    assert "cdvae" in model["enum"] and "cdvae" not in model_names()
     assert StudyConfig.model_json_schema()["properties"]["models"]["items"]["enum"] == (
-        model_names()
+        MODELS.names()
     )
 
 

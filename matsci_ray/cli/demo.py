@@ -15,7 +15,7 @@ from typing import Any
 
 from matsci_ray.cli.main import add_verbose
 from matsci_ray.data.registry import DATASETS
-from matsci_ray.models.registry import MODELS
+from matsci_ray.models.registry import MODELS, model_names
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory")
     p.add_argument("--epochs", type=int, default=20, help="epochs of the single-task run")
     p.add_argument("--study-epochs", type=int, default=5, help="epochs of each study trial")
-    p.add_argument("--model", default="egnn", choices=MODELS.names())
+    p.add_argument("--model", default="egnn", choices=model_names())
     p.add_argument("--num-cpus", type=int, help="CPUs for the local Ray (default: all)")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     p.add_argument(

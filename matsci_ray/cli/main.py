@@ -11,7 +11,19 @@ from importlib import import_module
 from matsci_ray.errors import UserError, one_line, user_facing
 
 # verb modules, in the order `--help` lists them
-VERBS = ("demo", "ingest", "download", "verify", "train", "evaluate", "predict", "study", "report")
+VERBS = (
+    "demo",
+    "ingest",
+    "download",
+    "verify",
+    "train",
+    "evaluate",
+    "predict",
+    "generate",
+    "reconstruct",
+    "study",
+    "report",
+)
 
 
 VERBOSE_HELP = "log progress details; train, study and demo also keep Ray's own console output"

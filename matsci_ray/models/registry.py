@@ -12,9 +12,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 from matsci_ray.plugins import Registry
+
+# predictive: an encoder under the task heads (matsci_ray.potential.MatSciModel), trained on
+# the config's tasks; generative: a model of crystals themselves (matsci_ray.generative),
+# trained by its own loop, sampled by `generate` and `reconstruct`.
+Family = Literal["predictive", "generative"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +30,7 @@ class ModelSpec:
     of layers or blocks); ``small`` is the model's small setting (read-only), small enough to
     train in seconds on a CPU: the one table of them, read by the demo's studies and the tests.
     All three are checked against the encoder's ``__init__`` when it is first used.
+    ``family`` says which training loop and commands take it (:data:`Family`).
     """
 
     name: str
@@ -32,12 +38,14 @@ class ModelSpec:
     width: str
     depth: str
     small: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    family: Family = "predictive"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "small", MappingProxyType(dict(self.small)))
 
     def __reduce__(self) -> tuple[Any, ...]:  # a mapping proxy does not pickle; a dict does
-        return type(self), (self.name, self.encoder, self.width, self.depth, dict(self.small))
+        fields = (self.name, self.encoder, self.width, self.depth, dict(self.small), self.family)
+        return type(self), fields
 
     def small_params(self) -> dict[str, Any]:
         """``small`` as a new dict, for a config's ``model.params``."""
@@ -85,10 +93,24 @@ MODELS: Registry[ModelSpec] = Registry(
                 "radial_mlp_dim": 16,
             },
         ),
+        ModelSpec(
+            "cdvae",
+            "matsci_ray.generative.model:CDVAE",
+            width="hidden_dim",
+            depth="num_layers",
+            small={"hidden_dim": 32, "num_layers": 2, "latent_dim": 32, "num_noise_levels": 10},
+            family="generative",
+        ),
     ],
 )
 
 
-def model_names() -> list[str]:
-    """Registered encoder names: the built-ins in the paper's order, then plugins by name."""
-    return MODELS.names()
+def model_names(family: Family = "predictive") -> list[str]:
+    """Registered model names of ``family`` (encoders under task heads by default): the
+    built-ins in the paper's order, then plugins by name."""
+    return [name for name, spec in MODELS.specs().items() if spec.family == family]
+
+
+def is_generative(name: str) -> bool:
+    """Whether registered model ``name`` is trained and sampled as a generative model."""
+    return name in MODELS and MODELS.get(name).family == "generative"

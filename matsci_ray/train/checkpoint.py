@@ -115,8 +115,14 @@ def _load_failure(error: Exception) -> str:
 
 
 def load_model(path: Location | str) -> tuple[MatSciModel, ExperimentConfig, dict[str, float]]:
-    """Model (eval mode), its config and the metrics recorded with it."""
+    """Model (eval mode), its config and the metrics recorded with it; a generative model's
+    checkpoint (``generate`` and ``reconstruct`` read those) is a one-line error."""
     state = read_checkpoint(path)
+    if state.get("family", "predictive") != "predictive":
+        raise CheckpointError(
+            f"{path}: a {state['family']} model's checkpoint; it predicts no properties "
+            "(use matsci-ray generate or reconstruct)"
+        )
     config = ExperimentConfig.model_validate(json.loads(state["config"]))
     model = MatSciModel.from_config(config)
     model.load_state_dict(state["model"])

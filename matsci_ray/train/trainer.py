@@ -20,6 +20,7 @@ from matsci_ray.data.manifest import read_manifest
 from matsci_ray.data.mixing import epoch_batches
 from matsci_ray.graphs.batching import RadiusGraphTransform
 from matsci_ray.graphs.collate import batch_targets
+from matsci_ray.models.registry import is_generative
 from matsci_ray.storage import Location, location, ray_storage, resolve
 from matsci_ray.tasks.registry import TASKS, primary_metric
 from matsci_ray.train.checkpoint import check_resume
@@ -159,6 +160,10 @@ def build_trainer(
     (:func:`check_resume`). Ray Train V2 takes no checkpoint to start from: the path goes to
     the workers in ``train_loop_config``, and the loop loads it unless Ray hands it a later
     checkpoint of this run (a restart, or a run directory that already went further)."""
+    if is_generative(config.model.name):  # its own loop: matsci_ray.generative.train
+        from matsci_ray.generative.train import build_trainer as build_generative
+
+        return build_generative(config, resume_from, callbacks)
     if resume_from is not None:  # before any cluster or data work: a bad path fails at once
         resume_from = resolve(location(resume_from))
         check_resume(resume_from, config)

@@ -1,0 +1,211 @@
+"""CDVAE (model.name: cdvae) without Ray: registry, objective, sampler, metrics, commands.
+
+Data: the first rows of the shared perov-5 CSVs, ingested in process (val rows as the train
+split). Ray Train end to end is in tests/test_cdvae_ray.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from matsci_ray.cli.main import main
+from matsci_ray.errors import ConfigError
+from matsci_ray.generative.data import crystals, graph_batches, normalisation_stats
+from matsci_ray.generative.metrics import (
+    composition_valid,
+    coverage,
+    match,
+    property_emd,
+    random_crystals,
+    structure_valid,
+    validity,
+)
+from matsci_ray.generative.model import CDVAE
+from matsci_ray.generative.objective import Objective
+from matsci_ray.generative.sampling import Crystals, Langevin, generate
+from matsci_ray.models import build_encoder, model_names, model_spec
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TARGET = "formation_energy_per_atom"
+TINY = {"hidden_dim": 16, "num_layers": 1, "latent_dim": 8, "num_noise_levels": 4}
+
+
+def ingest_subset(samples: Path, root: Path, name: str, rows: dict[str, tuple[str, int]]) -> Path:
+    """``{split: (source file stem, rows)}`` of ``samples/cdvae/<name>``, the first rows of
+    each written to a CSV named by its split and ingested in process into ``root``."""
+    from matsci_ray.data.manifest import build_manifest, write_manifest
+    from matsci_ray.data.readers import get_reader
+    from matsci_ray.data.shards import IngestOptions, ingest_unit
+
+    csv.field_size_limit(sys.maxsize)
+    source = {"perov_5": "perov-5", "carbon_24": "carbon-24"}[name]
+    files = []
+    for split, (stem, count) in rows.items():
+        with open(samples / "cdvae" / name / f"{stem}.csv", newline="") as handle:
+            head = [row for _, row in zip(range(count + 1), csv.reader(handle), strict=False)]
+        files.append(root / "csv" / f"{split}.csv")
+        files[-1].parent.mkdir(parents=True, exist_ok=True)
+        with open(files[-1], "w", newline="") as handle:
+            csv.writer(handle).writerows(head)
+    options, reader = IngestOptions(source=source), get_reader(source)
+    sidecars = [
+        ingest_unit(unit, root / reader.dataset, options, "test")
+        for file in files
+        for unit in reader.plan(file)
+    ]
+    inputs = [{"file": str(f)} for f in files]
+    write_manifest(root, reader.dataset, build_manifest(reader.dataset, options, inputs, sidecars))
+    return root
+
+
+@pytest.fixture(scope="module")
+def perov(samples: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("perov")
+    return ingest_subset(samples, root, "perov_5", {"train": ("val", 24), "test": ("test", 12)})
+
+
+def tiny_model(root: Path, seed: int = 0) -> CDVAE:
+    torch.manual_seed(seed)
+    model = build_encoder("cdvae", 6.0, {**TINY, "max_atoms": 8})
+    assert isinstance(model, CDVAE)
+    model.fit_normalisation(normalisation_stats(root, "perov-5", TARGET))
+    return model
+
+
+def test_cdvae_is_a_generative_registry_entry() -> None:
+    assert "cdvae" not in model_names()  # predictive consumers (demo, studies) never see it
+    assert model_names("generative") == ["cdvae"]
+    spec = model_spec("cdvae")
+    assert spec.family == "generative" and spec.width == "hidden_dim"
+    with pytest.raises(ConfigError, match="not a predictive encoder"):
+        build_encoder("cdvae", 6.0, {"encoder": "cdvae"})
+
+
+def test_config_checks_cdvae_params(tmp_path: Path) -> None:
+    from matsci_ray.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "name: c\ntasks: [perov5-formation-energy]\ndata: {root: d}\n"
+        "model: {name: cdvae, params: {latent_dims: 8}}\n"
+    )
+    with pytest.raises(ConfigError, match="did you mean latent_dim"):
+        load_config(path)
+
+
+def test_loss_decreases_on_a_tiny_set(perov: Path) -> None:
+    model = tiny_model(perov)
+    objective = Objective(model, TARGET)
+    batch = next(graph_batches(perov, "perov-5", "train", 6.0, 16, targets=(TARGET,)))
+
+    def held_out_noise() -> float:  # the same noise draws before and after: no sampling luck
+        with torch.no_grad(), torch.random.fork_rng():
+            torch.manual_seed(1234)
+            return float(np.mean([float(objective(batch)["loss"]) for _ in range(4)]))
+
+    before = held_out_noise()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(40):
+        loss = objective(batch)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert held_out_noise() < 0.7 * before
+
+
+def test_sampler_yields_finite_crystals_with_positive_volume(perov: Path) -> None:
+    model = tiny_model(perov).eval()
+    made = generate(model, 6, Langevin(steps_per_level=2), seed=1, batch_size=4)
+    assert len(made) == 6
+    for numbers, frac, cell in made:
+        assert len(numbers) >= 1 and ((numbers >= 1) & (numbers <= 100)).all()
+        assert np.isfinite(frac).all() and ((frac >= 0) & (frac < 1)).all()
+        assert np.isfinite(cell).all() and np.linalg.det(cell) > 0
+    again = generate(model, 6, Langevin(steps_per_level=2), seed=1, batch_size=4)
+    assert all(np.array_equal(a, b) for a, b in zip(made.frac, again.frac, strict=True))
+
+
+def test_reconstruction_metrics_on_known_cases(perov: Path) -> None:
+    reference = crystals(perov, "perov-5", "test")
+    itself = match(reference, reference)
+    assert itself["match_rate"] == 1.0 and itself["rmse"] == pytest.approx(0.0, abs=1e-9)
+    scrambled = random_crystals(reference, len(reference), seed=0)
+    assert match(scrambled, reference)["match_rate"] <= 0.25
+
+
+def test_validity_on_known_cases(perov: Path) -> None:
+    reference = crystals(perov, "perov-5", "test")
+    assert validity(reference)["valid_structure"] == 1.0
+    cell = np.eye(3) * 4.0
+    assert not structure_valid(np.array([8, 8]), np.array([[0, 0, 0], [0.05, 0, 0]]), cell)
+    assert not structure_valid(np.array([6]), np.zeros((1, 3)), np.eye(3) * 0.4)  # own image
+    assert composition_valid(np.array([11, 17])) and composition_valid(np.array([6, 6, 6]))
+    assert not composition_valid(np.array([11, 11, 17]))  # Na2Cl is not charge-neutral
+
+
+def test_coverage_and_property_statistics_on_known_cases(perov: Path) -> None:
+    reference = crystals(perov, "perov-5", "test")
+    itself = coverage(reference, reference)
+    assert itself == {"cov_recall": 1.0, "cov_precision": 1.0}
+    assert property_emd(reference, reference) == {"density_emd": 0.0, "elements_emd": 0.0}
+    single = Crystals([np.array([6])], [np.zeros((1, 3))], np.eye(3)[None] * 1.5)
+    far = coverage(single, reference)
+    assert far["cov_recall"] <= 1 / len(reference)
+    assert property_emd(single, reference)["elements_emd"] > 1.0
+
+
+def test_generate_refuses_a_predictive_checkpoint(
+    perov: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from matsci_ray.train.checkpoint import save_checkpoint
+    from tests.samples import tiny_model as tiny_predictive
+
+    model, config = tiny_predictive("egnn-run", perov, ["perov5-formation-energy"])
+    save_checkpoint(tmp_path, model, config)
+    out = tmp_path / "gen.extxyz"
+    assert main(["generate", str(tmp_path), "-n", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "predictive model" in err and "cdvae" in err
+    assert not out.exists()
+
+
+def test_report_has_a_generative_section(tmp_path: Path) -> None:
+    from matsci_ray.report import Trial
+    from matsci_ray.report.generative import generative_sections, write_metrics
+
+    run = Trial("cdvae-run", "single-task", ["perov5-formation-energy"], ["perov-5"], "cdvae")
+    assert generative_sections([run]) == []  # no evaluated generative run: no section
+    run.run_dir = tmp_path
+    results = {"model": {"match_rate": 0.5}, "baseline": {"match_rate": 0.0}, "published": {}}
+    write_metrics(tmp_path, "perov-5", results)
+    [(anchor, _, html)] = generative_sections([run])
+    assert anchor == "generative" and "0.5" in html and "(baseline)" in html
+
+
+def test_predictive_commands_refuse_a_generative_checkpoint(perov: Path, tmp_path: Path) -> None:
+    """evaluate, predict and the calculator load through load_model: one line, not a
+    weight-shape error."""
+    from matsci_ray.config import ExperimentConfig
+    from matsci_ray.errors import CheckpointError
+    from matsci_ray.generative.checkpoint import save
+    from matsci_ray.train.checkpoint import load_model
+
+    config = ExperimentConfig.model_validate(
+        {
+            "name": "cdvae-run",
+            "tasks": ["perov5-formation-energy"],
+            "data": {"root": str(perov)},
+            "model": {"name": "cdvae", "params": {**TINY, "max_atoms": 8}},
+        }
+    )
+    save(tmp_path, tiny_model(perov), config)
+    with pytest.raises(CheckpointError, match="generative model's checkpoint") as error:
+        load_model(tmp_path)
+    assert len(str(error.value).splitlines()) == 1 and "matsci-ray generate" in str(error.value)
