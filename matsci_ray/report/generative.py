@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 from html import escape
-from pathlib import Path
 from typing import Any
 
 from matsci_ray.report import Trial
+from matsci_ray.storage import Location, is_file, location, read_text, write_text
 
 METRICS_FILE = "generative_metrics.json"
 # Column order and how each metric reads; "higher" says which way is better.
@@ -29,18 +29,21 @@ COLUMNS: dict[str, tuple[str, bool]] = {
 }
 
 
-def write_metrics(run_dir: Path, dataset: str, results: dict[str, dict[str, float]]) -> Path:
+def write_metrics(
+    run_dir: Location | str, dataset: str, results: dict[str, dict[str, float]]
+) -> Location:
     """``results``: ``{"model": {...}, "baseline": {...}, "published": {...}}`` metrics."""
-    path = Path(run_dir) / METRICS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"dataset": dataset, **results}, indent=1, sort_keys=True))
+    path = location(run_dir) / METRICS_FILE
+    write_text(path, json.dumps({"dataset": dataset, **results}, indent=1, sort_keys=True))
     return path
 
 
 def _read(trial: Trial) -> dict[str, Any] | None:
-    if trial.run_dir is None or not (Path(trial.run_dir) / METRICS_FILE).is_file():
+    """The run's metrics, wherever its directory is (a local path or an object-store URI)."""
+    if trial.run_dir is None:
         return None
-    return json.loads((Path(trial.run_dir) / METRICS_FILE).read_text())
+    path = location(trial.run_dir) / METRICS_FILE
+    return json.loads(read_text(path)) if is_file(path) else None
 
 
 def _cell(value: Any) -> str:
