@@ -8,42 +8,20 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from matsci_ray import __version__
-from matsci_ray.config import ExperimentConfig, dump_config
-from matsci_ray.data.schema import SCHEMA_VERSION
+from matsci_ray.config import ExperimentConfig
 from matsci_ray.errors import CheckpointError
 from matsci_ray.generative.model import CDVAE
 from matsci_ray.models import build_encoder
-from matsci_ray.train.checkpoint import FILENAME, FORMAT_VERSION, read_checkpoint
+from matsci_ray.train.checkpoint import read_checkpoint, save_checkpoint
 
 FAMILY = "generative"
 
 
 def save(directory: Path, model: CDVAE, config: ExperimentConfig, **training: Any) -> Path:
-    """Write ``model`` and ``config`` with ``training`` state (``optimizer``, ``scheduler``:
-    objects with ``state_dict``; ``epoch``, ``best``, ``stale``, ``metrics``)."""
-    path = Path(directory) / FILENAME
-    optimizer, scheduler = training.get("optimizer"), training.get("scheduler")
-    torch.save(
-        {
-            "format_version": FORMAT_VERSION,
-            "schema_version": SCHEMA_VERSION,
-            "matsci_ray_version": __version__,
-            "family": FAMILY,
-            "config": json.dumps(dump_config(config)),
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "epoch": training.get("epoch", 0),
-            "best": training.get("best"),
-            "stale": training.get("stale", 0),
-            "metrics": json.dumps(training.get("metrics") or {}),
-        },
-        path,
-    )
-    return path
+    """Write ``model`` and ``config`` with ``training`` state (``optimizer``, ``scheduler``,
+    ``epoch``, ``best``, ``stale``, ``metrics``: :func:`save_checkpoint`'s), marked as
+    generative."""
+    return save_checkpoint(directory, model, config, **training, extra={"family": FAMILY})
 
 
 def read(path: Path | str, verb: str) -> dict[str, Any]:

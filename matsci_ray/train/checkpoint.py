@@ -50,7 +50,7 @@ logger = logging.getLogger(__name__)
 
 def save_checkpoint(
     directory: Path,
-    model: MatSciModel,
+    model: torch.nn.Module,
     config: ExperimentConfig,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
@@ -60,7 +60,8 @@ def save_checkpoint(
     metrics: dict[str, float] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """``extra``: more entries for the checkpoint (the training loop's weight average)."""
+    """``extra``: more entries for the checkpoint (the training loop's weight average, a
+    generative model's ``family``)."""
     path = Path(directory) / FILENAME
     torch.save(
         {
