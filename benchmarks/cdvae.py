@@ -123,6 +123,7 @@ def evaluate(name: str, config: Any, checkpoint: Path, args: argparse.Namespace)
         },
         "published": {"match_rate": PUBLISHED_MATCH[name]},
         "sampling_s": sampling_s,
+        "generated": generated,
     }
 
 
@@ -146,13 +147,17 @@ def run_one(name: str, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
         raise result.error
     train_s = time.monotonic() - start
     found = evaluate(name, config, Path(result.checkpoint.path), args)
+    generated = found.pop("generated")
     history = [
         json.loads(line)
         for line in (storage / config.name / "history.jsonl").read_text().splitlines()
         if line.strip()
     ]
     write_metrics(
-        storage / config.name, source, {k: found[k] for k in ("model", "baseline", "published")}
+        storage / config.name,
+        source,
+        {k: found[k] for k in ("model", "baseline", "published")},
+        generated.to_atoms(),
     )
     return {
         **found,

@@ -187,6 +187,17 @@ def test_report_has_a_generative_section(tmp_path: Path) -> None:
     write_metrics(tmp_path, "perov-5", results)
     [(anchor, _, html)] = generative_sections([run])
     assert anchor == "generative" and "0.5" in html and "(baseline)" in html
+    assert "<img" not in html and "no generated crystals kept" in html
+
+    from ase import Atoms
+    from ase.build import bulk
+
+    corners = [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]]
+    perovskite = Atoms("SrTiO3", scaled_positions=corners, cell=[3.9] * 3, pbc=True)
+    generated = [perovskite, bulk("C", "diamond", a=3.57)]
+    write_metrics(tmp_path, "perov-5", results, generated)
+    [(_, _, html)] = generative_sections([run])
+    assert html.count('<img class="plot"') == 1 and "C2" in html and "O3SrTi" in html
 
 
 def test_predictive_commands_refuse_a_generative_checkpoint(perov: Path, tmp_path: Path) -> None:

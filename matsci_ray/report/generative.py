@@ -1,21 +1,24 @@
 """The report's generative section: CDVAE's metric table of every generative run that has
 been evaluated (``generative_metrics.json`` in its run directory, written by
 ``benchmarks/cdvae.py`` through :func:`write_metrics`), each metric beside the trivial
-baseline and, where CDVAE's paper gives one, its published figure.
-
-Pictures of generated crystals are not drawn yet: the table only.
+baseline and, where CDVAE's paper gives one, its published figure; under it, pictures of the
+first :data:`PICTURES` crystals the run generated (``generated.extxyz`` beside the metrics).
 """
 
 from __future__ import annotations
 
+import io
 import json
 from html import escape
 from typing import Any
 
 from matsci_ray.report import Trial
+from matsci_ray.report.figures import figure_html, new_figure, note
 from matsci_ray.storage import Location, is_file, location, read_text, write_text
 
 METRICS_FILE = "generative_metrics.json"
+GENERATED_FILE = "generated.extxyz"
+PICTURES = 8  # crystals drawn per run, two rows of four
 # Column order and how each metric reads; "higher" says which way is better.
 COLUMNS: dict[str, tuple[str, bool]] = {
     "match_rate": ("match rate", True),
@@ -30,11 +33,22 @@ COLUMNS: dict[str, tuple[str, bool]] = {
 
 
 def write_metrics(
-    run_dir: Location | str, dataset: str, results: dict[str, dict[str, float]]
+    run_dir: Location | str,
+    dataset: str,
+    results: dict[str, dict[str, float]],
+    generated: list[Any] | None = None,
 ) -> Location:
-    """``results``: ``{"model": {...}, "baseline": {...}, "published": {...}}`` metrics."""
+    """``results``: ``{"model": {...}, "baseline": {...}, "published": {...}}`` metrics;
+    ``generated``: ASE ``Atoms`` the model sampled, of which the first :data:`PICTURES` are
+    kept for the report's pictures."""
+    from ase.io import write
+
     path = location(run_dir) / METRICS_FILE
     write_text(path, json.dumps({"dataset": dataset, **results}, indent=1, sort_keys=True))
+    if generated:
+        text = io.StringIO()
+        write(text, generated[:PICTURES], format="extxyz")
+        write_text(location(run_dir) / GENERATED_FILE, text.getvalue())
     return path
 
 
@@ -65,15 +79,39 @@ def metric_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
     return f"<table><tr><th>run</th>{head}</tr>{''.join(body)}</table>"
 
 
+def generated_pictures(trial: Trial) -> str:
+    """The run's kept generated crystals drawn side by side (ASE's matplotlib renderer, the
+    cell outlined), each captioned with its formula; a note if it kept none."""
+    from ase.io import read
+    from ase.visualize.plot import plot_atoms
+
+    path = location(trial.run_dir) / GENERATED_FILE if trial.run_dir is not None else None
+    if path is None or not is_file(path):
+        return note(f"{trial.trial_id}: no generated crystals kept ({GENERATED_FILE})")
+    crystals = read(io.StringIO(read_text(path)), ":", format="extxyz")
+    columns = min(4, len(crystals))
+    rows = -(-len(crystals) // columns)
+    fig = new_figure(2.2 * columns, 2.4 * rows)
+    for i, atoms in enumerate(crystals):
+        ax = fig.add_subplot(rows, columns, i + 1)
+        plot_atoms(atoms, ax, rotation="10x,20y,0z", show_unit_cell=2, radii=0.5)
+        ax.set_title(atoms.get_chemical_formula(), fontsize=9)
+        ax.set_axis_off()
+    formulas = ", ".join(a.get_chemical_formula() for a in crystals)
+    caption = f"{trial.trial_id}: the first {len(crystals)} generated crystals ({formulas})"
+    return figure_html(fig, f"generated crystals of {trial.trial_id}", caption, "generated")
+
+
 def generative_sections(trials: list[Trial]) -> list[tuple[str, str, str]]:
     """The report's ``(anchor, title, html)`` section of generative runs; none without any."""
-    rows = [(t.trial_id, found) for t in trials if (found := _read(t)) is not None]
-    if not rows:
+    evaluated = [(t, found) for t in trials if (found := _read(t)) is not None]
+    if not evaluated:
         return []
-    note = (
-        '<p class="note">Baseline: random positions in a training crystal\'s cell and '
-        "composition. Coverage uses this project's stand-in fingerprints "
-        "(matsci_ray.generative.metrics), not CDVAE's matminer ones. Pictures of generated "
-        "crystals: not drawn yet.</p>"
+    table = metric_table([(t.trial_id, found) for t, found in evaluated])
+    explained = note(
+        "Baseline: random positions in a training crystal's cell and composition. Coverage "
+        "uses this project's stand-in fingerprints (matsci_ray.generative.metrics), not "
+        "CDVAE's matminer ones."
     )
-    return [("generative", "Generative models (CDVAE metrics)", metric_table(rows) + note)]
+    pictures = "".join(generated_pictures(t) for t, _ in evaluated)
+    return [("generative", "Generative models (CDVAE metrics)", table + explained + pictures)]

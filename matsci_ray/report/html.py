@@ -18,25 +18,21 @@ Stable hooks for browser tests: ``section#tables`` with ``table#table-3`` … ``
 
 from __future__ import annotations
 
-import base64
-import io
 from collections.abc import Iterator
 from html import escape
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from matsci_ray import keys as K
 from matsci_ray.report import Trial, latest_checkpoint
+from matsci_ray.report.figures import figure_html, new_figure, note
 from matsci_ray.report.generative import generative_sections
 from matsci_ray.report.tables import Table, build_tables, left_out
 from matsci_ray.storage import location, parquet_source, resolve
 from matsci_ray.tasks.registry import TASKS, metric_key
 from matsci_ray.train.telemetry import read_history
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
 
 MAX_STRUCTURES = 500
 GEOMETRY = [K.ATOMIC_NUMBERS, K.POSITIONS, K.CELL, K.PBC, K.NATOMS]
@@ -51,33 +47,14 @@ img.plot { max-width: 100%; }
 """
 
 
-def _figure(fig: Figure, alt: str, caption: str, kind: str) -> str:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
-    data = base64.b64encode(buffer.getvalue()).decode("ascii")
-    image = f'<img class="plot" alt="{escape(alt)}" src="data:image/png;base64,{data}">'
-    return f'<figure class="{kind}">{image}<figcaption>{escape(caption)}</figcaption></figure>'
-
-
-def _note(text: str) -> str:
-    return f'<p class="note">{escape(text)}</p>'
-
-
-def _new_figure(width: float, height: float) -> Figure:
-    # A bare Figure renders with Agg and touches no pyplot state: safe in any process.
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), layout="constrained")
-
-
 def learning_curves(trial: Trial) -> str:
     """Train loss of every task, then each task's primary validation metric, vs epoch."""
     history = read_history(trial.run_dir) if trial.run_dir is not None else []
     if not history:
-        return _note(f"{trial.trial_id}: no history.jsonl, no learning curve")
+        return note(f"{trial.trial_id}: no history.jsonl, no learning curve")
     from matplotlib.ticker import MaxNLocator
 
-    fig = _new_figure(3.2 * (1 + len(trial.tasks)), 2.6)
+    fig = new_figure(3.2 * (1 + len(trial.tasks)), 2.6)
     axes = fig.subplots(1, 1 + len(trial.tasks), squeeze=False)[0]
     epochs = [row["epoch"] for row in history]
     for task in trial.tasks:
@@ -91,7 +68,7 @@ def learning_curves(trial: Trial) -> str:
         spec = TASKS[task]
         ax.plot(epochs, [row.get(metric_key(task), np.nan) for row in history], marker=".")
         ax.set(title=f"val {task}", xlabel="epoch", ylabel=f"{spec.metric} {spec.unit}".strip())
-    return _figure(
+    return figure_html(
         fig,
         f"learning curves of {trial.trial_id}",
         f"{trial.trial_id} ({trial.family}, {trial.column})",
@@ -155,7 +132,7 @@ def parity_plot(trial: Trial, task: str, pred: np.ndarray, true: np.ndarray) -> 
     spec = TASKS[task]
     target = spec.value_target
     unit = K.TARGETS[target].unit
-    fig = _new_figure(3.4, 3.2)
+    fig = new_figure(3.4, 3.2)
     ax = fig.subplots()
     ax.scatter(true, pred, s=6, alpha=0.6)
     low, high = float(min(true.min(), pred.min())), float(max(true.max(), pred.max()))
@@ -166,7 +143,7 @@ def parity_plot(trial: Trial, task: str, pred: np.ndarray, true: np.ndarray) -> 
         ylabel=f"predicted ({unit})",
     )
     mae = float(np.abs(pred - true).mean())
-    return _figure(
+    return figure_html(
         fig,
         f"parity plot of {task}, {trial.trial_id}",
         f"{trial.trial_id}: {len(true)} validation structures, MAE {mae:.4g} {unit}",
@@ -190,7 +167,7 @@ def confusion_plot(trial: Trial, task: str, pred: np.ndarray, true: np.ndarray) 
         else [("no", "yes")[c] for c in classes]
     )
     size = min(2.5 + 0.18 * len(classes), 12.0)
-    fig = _new_figure(size, size)
+    fig = new_figure(size, size)
     ax = fig.subplots()
     ax.imshow(matrix, cmap="Blues", aspect="auto")
     if len(classes) <= 30:  # counts stay legible only on small matrices
@@ -204,7 +181,7 @@ def confusion_plot(trial: Trial, task: str, pred: np.ndarray, true: np.ndarray) 
     ax.set_yticks(ticks, labels, fontsize=font)
     ax.set(title=f"{task} ({trial.column})", xlabel="predicted", ylabel="true")
     accuracy = float((pred == true).mean())
-    return _figure(
+    return figure_html(
         fig,
         f"confusion matrix of {task}, {trial.trial_id}",
         f"{trial.trial_id}: {len(true)} validation structures, {len(classes)} classes "
@@ -220,8 +197,8 @@ def checkpoint_plots(
     classify = [TASKS[t].kind in ("binary", "multiclass") for t in trial.tasks]
 
     def skipped(why: str) -> tuple[list[str], list[str]]:
-        note = [_note(f"{trial.trial_id}: {why}")]  # under the plot kinds it would have had
-        return (note if not all(classify) else []), (note if any(classify) else [])
+        said = [note(f"{trial.trial_id}: {why}")]  # under the plot kinds it would have had
+        return (said if not all(classify) else []), (said if any(classify) else [])
 
     checkpoint = latest_checkpoint(trial.run_dir)
     if checkpoint is None:
@@ -235,7 +212,7 @@ def checkpoint_plots(
     for task, is_class in zip(trial.tasks, classify, strict=True):
         plots = confusion if is_class else parity
         if task not in scored or not len(scored[task][1]):
-            plots.append(_note(f"{trial.trial_id}: {task}: no labelled validation structures"))
+            plots.append(note(f"{trial.trial_id}: {task}: no labelled validation structures"))
         else:
             plots.append((confusion_plot if is_class else parity_plot)(trial, task, *scored[task]))
     return parity, confusion
@@ -258,7 +235,7 @@ def spread_chart(table: Table) -> str:
         return ""
     columns = 4 if len(panels) > 4 else len(panels)
     height = -(-len(panels) // columns)  # ceiling division: rows of panels
-    fig = _new_figure(2.8 * columns, 2.6 * height)
+    fig = new_figure(2.8 * columns, 2.6 * height)
     for ax, ((row, task), records) in zip(
         fig.subplots(height, columns, squeeze=False).flat, panels.items(), strict=False
     ):
@@ -266,7 +243,7 @@ def spread_chart(table: Table) -> str:
     for ax in fig.axes[len(panels) :]:
         ax.set_visible(False)  # the last row's unused panels
     fig.axes[0].legend(fontsize=6)
-    return _figure(
+    return figure_html(
         fig,
         f"spread over seeds, {table.title}",
         f"{table.title}: mean ± sd over seeds (no bar: one run); hatched: single task",
@@ -307,9 +284,9 @@ def _table_html(table: Table, plots: bool = True) -> str:
     body = "".join(
         "<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in table.rows
     )
-    notes = "".join(_note(n) for n in table.notes)
+    notes = "".join(note(n) for n in table.notes)
     if not table.rows:
-        notes = _note("No trials.") + notes
+        notes = note("No trials.") + notes
     chart = spread_chart(table) if plots and table.key != "table-sweep" else ""
     return (
         f"<h3>{escape(table.title)}</h3>"
@@ -337,18 +314,18 @@ def render_html(
             more_parity, more_confusion = checkpoint_plots(trial, data_root, max_structures)
             parity += more_parity
             confusion += more_confusion
-        parity = parity or [_note("No regression tasks among the trials.")]
-        confusion = confusion or [_note("No classification tasks among the trials.")]
+        parity = parity or [note("No regression tasks among the trials.")]
+        confusion = confusion or [note("No classification tasks among the trials.")]
         if any(t.family == "sweep" for t in trials):
-            parity.append(_note("Sweep trials: learning curves only."))
+            parity.append(note("Sweep trials: learning curves only."))
     else:
-        curves = parity = confusion = [_note("Plots disabled (--no-plots).")]
+        curves = parity = confusion = [note("Plots disabled (--no-plots).")]
     extra = left_out(trials)
     sections = [
         (
             "tables",
             "Tables",
-            "".join(_table_html(t, plots) for t in tables) + (_note(extra) if extra else ""),
+            "".join(_table_html(t, plots) for t in tables) + (note(extra) if extra else ""),
         ),
         ("learning-curves", "Learning curves", "".join(curves)),
         ("parity", "Parity plots (validation split)", "".join(parity)),
