@@ -99,6 +99,7 @@ def evaluate(name: str, config: Any, checkpoint: Path, args: argparse.Namespace)
         match,
         random_crystals,
         scrambled,
+        training_sample,
     )
     from matsci_ray.generative.sampling import Crystals, Langevin, generate, reconstruct
 
@@ -121,6 +122,9 @@ def evaluate(name: str, config: Any, checkpoint: Path, args: argparse.Namespace)
             **match(scrambled(reference, args.seed), reference),
             **generation_metrics(random_crystals(training, args.generate, args.seed), reference),
         },
+        "training_set": generation_metrics(
+            training_sample(training, args.generate, args.seed), reference
+        ),
         "published": {"match_rate": PUBLISHED_MATCH[name]},
         "sampling_s": sampling_s,
         "generated": generated,
@@ -156,7 +160,7 @@ def run_one(name: str, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     write_metrics(
         storage / config.name,
         source,
-        {k: found[k] for k in ("model", "baseline", "published")},
+        {k: found[k] for k in ("model", "baseline", "training_set", "published")},
         generated.to_atoms(),
     )
     return {
