@@ -67,6 +67,11 @@ class StorageError(MatSciError):
     or missing credentials, a bucket that does not exist."""
 
 
+class ClusterError(MatSciError):
+    """A Ray cluster that cannot be joined: nothing answers at the address, or the cluster
+    refused this client (token authentication without the cluster's token)."""
+
+
 class ResourceError(MatSciError):
     """A run that asks for more than the cluster has, or waited too long for it."""
 

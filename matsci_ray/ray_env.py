@@ -11,6 +11,8 @@ from pathlib import Path
 import ray
 import ray._private.ray_constants as ray_constants
 
+from matsci_ray.errors import ClusterError
+
 
 def init_ray(
     address: str | None = None,
@@ -38,7 +40,7 @@ def init_ray(
         return dashboard_address()
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        return ray.init(address=address, log_to_driver=log_to_driver).dashboard_url or None
+        return _join(address, log_to_driver)
     kwargs: dict[str, object] = {
         "num_cpus": num_cpus,
         "num_gpus": num_gpus,
@@ -55,6 +57,41 @@ def init_ray(
         kwargs["_temp_dir"] = str(Path(temp_dir).resolve())
     with _loopback_node():
         return ray.init(**kwargs).dashboard_url or None
+
+
+def _join(address: str, log_to_driver: bool) -> str | None:
+    """Connect to the cluster at ``address``; one line naming it and what to do, instead of
+    Ray's traceback, when it cannot be reached or refuses this client."""
+    from ray.exceptions import AuthenticationError
+
+    _probe(address)
+    try:
+        return ray.init(address=address, log_to_driver=log_to_driver).dashboard_url or None
+    except (ConnectionError, AuthenticationError, TimeoutError) as error:
+        said = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if isinstance(error, AuthenticationError) or "auth" in said.lower():
+            hint = (
+                "the cluster wants its token: export RAY_AUTH_MODE=token and "
+                "RAY_AUTH_TOKEN_PATH=<the head's token file> (cluster/README.md, Authentication)"
+            )
+        else:
+            hint = "is a head running there, and is the address host:port of its GCS?"
+        raise ClusterError(f"cannot join the Ray cluster at {address}: {hint} ({said})") from None
+
+
+def _probe(address: str, timeout_s: float = 5.0) -> None:
+    """Fail at once when nothing listens at a ``host:port`` address: Ray's own join retries
+    a silent address for many minutes before it gives up."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return  # "auto", "ray://...": Ray resolves these itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as error:
+        raise ClusterError(
+            f"cannot join the Ray cluster at {address}: nothing answers there ({error}); "
+            "is a head running, and is the address host:port of its GCS?"
+        ) from None
 
 
 def _worker_pool_config(cpus: int) -> dict[str, int]:

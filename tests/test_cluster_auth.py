@@ -58,6 +58,19 @@ def test_head_refuses_clients_and_jobs_without_the_token() -> None:
         accepted = cluster.run_client(connect)
         assert accepted.returncode == 0 and "CONNECTED" in accepted.stdout, accepted.stderr
 
+        # matsci-ray's own join (every command's --address): one line that names the fix
+        join = """
+            from matsci_ray.errors import ClusterError
+            from matsci_ray.ray_env import init_ray
+            try:
+                init_ray(ADDRESS)
+            except ClusterError as error:
+                print("REFUSED:", error)
+            """
+        said = cluster.run_client(join, token=False).stdout
+        [line] = [x for x in said.splitlines() if x.startswith("REFUSED:")]
+        assert cluster.address in line and "RAY_AUTH_TOKEN_PATH" in line, said
+
 
 def _worker_of_each_node(cluster: LocalCluster, names: list[str]) -> dict[str, int]:
     """Start a detached actor on each named node (pinned by its resource), which outlives this

@@ -144,3 +144,23 @@ def test_a_missing_checkpoint_is_a_user_error_not_retried(tmp_path: Path) -> Non
     # a MatSciError: a worker that meets it ends the run instead of retrying (train.preflight)
     with pytest.raises(errors.CheckpointError, match="no checkpoint here"):
         load_model(tmp_path / "nowhere")
+
+
+def test_an_address_where_nothing_listens_is_one_line_at_once(
+    samples: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--address`` of a port with no Ray head: exit 2 with one line naming the address,
+    within seconds (Ray's own join retries a silent address for many minutes)."""
+    import socket
+    import time
+
+    with socket.socket() as sock:  # a port that was free a moment ago, nothing listening
+        sock.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{sock.getsockname()[1]}"
+    docs = samples / "materials_project" / "summary_docs.jsonl"
+    start = time.monotonic()
+    argv = ["ingest", "materials-project", str(docs), "--out", str(tmp_path), "--address", address]
+    assert main(argv) == 2
+    assert time.monotonic() - start < 30
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert address in line and "nothing answers" in line
