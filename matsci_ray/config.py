@@ -62,6 +62,12 @@ class DataConfig(_Strict):
         description="train on a seeded uniform sample of this many rows per data set "
         "(the same rows every epoch): fixed budgets and smoke runs",
     )
+    max_val_samples: int | None = Field(
+        None,
+        gt=0,
+        description="validate on a seeded uniform sample of this many rows per data set "
+        "(the same rows every epoch): a split too large to score each epoch",
+    )
     task_cpus: float = Field(
         0.5,
         gt=0,

@@ -77,13 +77,32 @@ def test_validation_split_is_dealt_to_workers_once_each(data_root: Path, tmp_pat
 
     ids = [f"s{i}" for i in range(11)]  # odd: an equal split of 2 would drop one
     val = ray.data.from_items([{"id": i} for i in ids]).repartition(4).materialize()
-    train = ray.data.from_items([{"id": i} for i in ids]).materialize()
-    shards = ShardedValidation().configure({"train:x": train, "val:x": val}, 2, None, None)
+    train_ds = ray.data.from_items([{"id": i} for i in ids]).materialize()
+    shards = ShardedValidation().configure({"train:x": train_ds, "val:x": val}, 2, None, None)
     seen = _read_concurrently([shard["val:x"] for shard in shards])
     assert sorted(seen[0] + seen[1]) == sorted(ids)
     assert all(seen), seen  # both workers score a share
     train = _read_concurrently([shard["train:x"] for shard in shards])
     assert len(train[0]) == len(train[1])  # train stays equal (DDP needs equal step counts)
+
+    # one worker reads each data set whole, epoch after epoch, with no split to coordinate
+    [alone] = ShardedValidation().configure({"train:x": train_ds, "val:x": val}, 1, None, None)
+    for _ in range(2):
+        assert sorted(row["id"] for row in alone["val:x"].iter_rows()) == sorted(ids)
+        assert sorted(row["id"] for row in alone["train:x"].iter_rows()) == sorted(ids)
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_max_val_samples_validates_on_a_fixed_sample(data_root: Path, tmp_path: Path) -> None:
+    """``data.max_val_samples``: the validation data set is a seeded sample of that size."""
+    from matsci_ray.train.trainer import build_trainer
+
+    raw = _config(data_root, tmp_path).model_dump(mode="json")
+    raw["data"]["max_val_samples"] = 5
+    trainer = build_trainer(ExperimentConfig.model_validate(raw))
+    val = trainer.datasets["val:materials-project"]
+    first, again = (sorted(r["sample_id"] for r in val.iter_rows()) for _ in range(2))
+    assert len(first) == 5 and first == again
 
 
 def _read_concurrently(splits: list) -> list[list[str]]:

@@ -187,7 +187,7 @@ def build_trainer(
         if cache:
             order = epoch_order(config, name)
             train = cached_epochs(train, config.run.seed, order)
-        val = graph_dataset(config, name, config.data.val_split)
+        val = graph_dataset(config, name, config.data.val_split, config.data.max_val_samples)
         if should_cache(config, splits.get(config.data.val_split, {})):
             # in blocks the workers' validation shards are dealt in
             val = val.repartition(target_num_rows_per_block=CACHE_BLOCK_ROWS).materialize()
@@ -232,7 +232,9 @@ class ShardedValidation(ray.train.DataConfig):
     """Every ``train:`` data set split equally among the workers (DDP needs the same number
     of steps on each, so Ray drops up to ``world - 1`` rows per epoch), every ``val:`` one
     split unequally: each row is scored by exactly one worker, and a worker's shard may be
-    empty (``loop.validate`` all-reduces sums and counts)."""
+    empty (``loop.validate`` all-reduces sums and counts). One worker reads every data set
+    whole, in its own process: a split of one would cost a coordinator actor per data set,
+    each a process to start per run."""
 
     def configure(
         self,
@@ -242,20 +244,25 @@ class ShardedValidation(ray.train.DataConfig):
         worker_node_ids: Any,
         **kwargs: Any,
     ) -> list[dict[str, Any]]:
+        if world_size == 1:  # nothing to split: no SplitCoordinator actor per data set
+            return [{name: self._prepared(name, ds).iterator() for name, ds in datasets.items()}]
         train = {k: v for k, v in datasets.items() if not k.startswith("val:")}
         shards = super().configure(train, world_size, worker_handles, worker_node_ids, **kwargs)
         hints = worker_node_ids if self._enable_shard_locality else None
         for name, ds in datasets.items():
             if name in train:
                 continue
-            ds = ds.copy(ds)
-            ds.set_name(name)
-            # Ray's own per-dataset options (as DataConfig.configure applies them)
-            ds.context.execution_options = self._resolve_execution_options(name)
-            for shard, split in zip(
-                shards,
-                ds.streaming_split(world_size, equal=False, locality_hints=hints),
-                strict=True,
-            ):
+            splits = self._prepared(name, ds).streaming_split(
+                world_size, equal=False, locality_hints=hints
+            )
+            for shard, split in zip(shards, splits, strict=True):
                 shard[name] = split
         return shards
+
+    def _prepared(self, name: str, ds: ray.data.Dataset) -> ray.data.Dataset:
+        """A copy named ``name`` with Ray's own per-data-set options, as Ray's
+        ``DataConfig.configure`` prepares each data set."""
+        ds = ds.copy(ds)
+        ds.set_name(name)
+        ds.context.execution_options = self._resolve_execution_options(name)
+        return ds
