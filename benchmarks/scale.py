@@ -228,31 +228,53 @@ def generate(dest: Path, copies: range) -> int:
     return sum(ray.get([task.remote(c, str(dest)) for c in copies]))
 
 
+def _rss_kib(pid: int) -> tuple[int, int]:
+    """(private, shared) resident KiB of a process: ``RssAnon`` and ``RssShmem``. Shared
+    pages are Ray's object store mapped into the process: they grow with every block it
+    touches, up to the store's size, whatever the corpus, so they are reported apart."""
+    fields = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(("RssAnon:", "RssShmem:")):
+                key, value = line.split(":", 1)
+                fields[key] = int(value.split()[0])
+    return fields.get("RssAnon", 0), fields.get("RssShmem", 0)
+
+
 class PeakSampler:
-    """Peak RSS of this process and of its whole tree (Ray's daemons and workers), and peak
-    object-store use, polled every ``interval`` s in a thread."""
+    """Peak private and shared resident memory of this process and of its whole tree (Ray's
+    daemons and workers), and peak object-store use, polled every ``interval`` s."""
+
+    KEYS = (
+        "driver_private_mib",
+        "driver_shared_mib",
+        "tree_private_mib",
+        "tree_shared_mib",
+        "object_store_mib",
+    )
 
     def __init__(self, interval: float = 0.25) -> None:
         self.interval = interval
-        self.peaks = {"driver_mib": 0.0, "tree_mib": 0.0, "object_store_mib": 0.0}
+        self.peaks = dict.fromkeys(self.KEYS, 0.0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _tree_rss(self) -> tuple[float, float]:
+    def _sample(self) -> tuple[float, ...]:
         me = psutil.Process()
-        total = 0
-        for proc in [me, *me.children(recursive=True)]:
+        driver = _rss_kib(me.pid)
+        private, shared = driver
+        for proc in me.children(recursive=True):
             try:
-                total += proc.memory_info().rss
-            except psutil.Error:
+                p, sh = _rss_kib(proc.pid)
+            except OSError:
                 continue
-        return me.memory_info().rss / MIB, total / MIB
+            private, shared = private + p, shared + sh
+        kib = (driver[0], driver[1], private, shared)
+        return (*(k / 1024 for k in kib), object_store_mib())
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            driver, tree = self._tree_rss()
-            store = object_store_mib()
-            for key, value in zip(self.peaks, (driver, tree, store), strict=True):
+            for key, value in zip(self.KEYS, self._sample(), strict=True):
                 self.peaks[key] = max(self.peaks[key], value)
             self._stop.wait(self.interval)
 
@@ -339,9 +361,15 @@ def bytes_same_frames(tmp: Path) -> Row:
 
 def data_wait(data: Path, tmp: Path, samples: int) -> Row:
     """Ray Train, EGNN at its default size on S2EF forces (energy by autograd), 2 workers x
-    0.5 CPU, graphs streamed from the corpus every epoch (``cache_graphs: never``) on a seeded
-    sample of ``samples`` frames; the loop's own data-wait fraction, epoch 2."""
-    sample = {"batch_size": 8, "max_train_samples": samples, "cache_graphs": "never"}
+    0.5 CPU, graphs streamed from the corpus every epoch (``cache_graphs: never``) on seeded
+    samples of ``samples`` training and validation frames; the loop's own data-wait fraction,
+    epoch 2."""
+    sample = {
+        "batch_size": 8,
+        "max_train_samples": samples,
+        "max_val_samples": samples,
+        "cache_graphs": "never",
+    }
     config = make_config(data, tmp, "s2ef-forces", "egnn", data=sample, optim={"epochs": 2})
     run = fit(config)
     return {
@@ -362,6 +390,23 @@ def fresh_ray(tmp: Path, attempts: int = 3) -> None:
                 raise
 
 
+def corpus_size(
+    args: argparse.Namespace, tmp: Path, target: int, per_copy: int, largest: bool
+) -> tuple[Row, Path]:
+    """Generate and ingest ``target`` frames (figures and the ingested root), or, for the
+    largest size with ``--reuse-corpus``, the corpus a ``--keep-corpus`` run left (no ingest
+    figures: they are that run's)."""
+    if largest and args.reuse_corpus:
+        return {"reused": str(args.reuse_corpus)}, args.reuse_corpus
+    size = tmp / f"corpus-{target}"
+    start = time.perf_counter()
+    made = generate(size / "inputs", range(math.ceil(target / per_copy)))
+    row: Row = {"generated": made, "generate_s": time.perf_counter() - start}
+    row["ingest"] = ingest_corpus(size / "inputs", size / "data")
+    shutil.rmtree(size / "inputs")
+    return row, size / "data"
+
+
 def bench_corpus(args: argparse.Namespace, tmp: Path) -> Row:
     """(c) Per corpus size: generate, ingest, one streamed epoch; bytes on copy 0; data wait
     on the largest. Inputs and shards of a size are deleted before the next."""
@@ -376,19 +421,18 @@ def bench_corpus(args: argparse.Namespace, tmp: Path) -> Row:
     try:
         out["bytes"] = bytes_same_frames(tmp)
         for target in sorted(args.frames):
-            size = tmp / f"corpus-{target}"
-            start = time.perf_counter()
-            made = generate(size / "inputs", range(math.ceil(target / per_copy)))
-            row: Row = {"generated": made, "generate_s": time.perf_counter() - start}
-            row["ingest"] = ingest_corpus(size / "inputs", size / "data")
-            row["ingest"]["vs_parse"] = row["ingest"]["frames_per_s"] / parse_rate
-            shutil.rmtree(size / "inputs")
+            largest = target == max(args.frames)
+            row, data = corpus_size(args, tmp, target, per_copy, largest)
+            if "ingest" in row:
+                row["ingest"]["vs_parse"] = row["ingest"]["frames_per_s"] / parse_rate
             fresh_ray(tmp)  # a fresh Ray: the epoch's peaks are its own
-            row["epoch"] = streamed_epoch(size / "data", tmp)
-            if target == max(args.frames):
-                row["data_wait"] = data_wait(size / "data", tmp, args.wait_samples)
+            row["epoch"] = streamed_epoch(data, tmp)
+            if largest:
+                row["data_wait"] = data_wait(data, tmp, args.wait_samples)
             out["sizes"][target] = row
-            shutil.rmtree(size)
+            if largest and args.keep_corpus and data != args.reuse_corpus:
+                shutil.move(data, args.keep_corpus)
+            shutil.rmtree(tmp / f"corpus-{target}", ignore_errors=True)
             print(f"  corpus {target}: {json.dumps(row, default=str)}", flush=True)
     finally:
         ray.shutdown()
@@ -396,7 +440,7 @@ def bench_corpus(args: argparse.Namespace, tmp: Path) -> Row:
     small, large = out["sizes"][sizes[0]]["epoch"], out["sizes"][sizes[-1]]["epoch"]
     out["flatness"] = {
         k: large[k] / small[k]
-        for k in ("driver_mib", "tree_mib", "object_store_mib", "frames_per_s")
+        for k in ("driver_private_mib", "tree_private_mib", "object_store_mib", "frames_per_s")
         if small[k]
     }
     return out
@@ -436,18 +480,24 @@ def _corpus_markdown(c: Row) -> list[str]:
         f"Parquet {b['parquet_bytes_per_frame']:.0f}, "
         f".extxyz.xz {b['extxyz_xz_bytes_per_frame']:.0f} (ratio {b['parquet_vs_xz']:.2f})",
         "",
-        "| frames | ingest frames/s | ÷ parse | Parquet B/frame | epoch frames/s "
-        "| peak driver MiB | peak tree MiB | peak object store MiB | data wait |",
-        "|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| frames | ingest frames/s | ÷ parse | Parquet B/frame | epoch frames "
+        "| epoch frames/s | peak driver MiB private (shared) | peak tree MiB private "
+        "(shared) | peak object store MiB | data wait |",
+        "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
-    for row in c["sizes"].values():
-        i, e = row["ingest"], row["epoch"]
+    for target, row in c["sizes"].items():
+        i, e = row.get("ingest"), row["epoch"]
         wait = row.get("data_wait", {}).get("data_wait_fraction")
+        ingest = (
+            f"{i['frames_per_s']:.0f} | {i['vs_parse']:.2f} | {i['parquet_bytes_per_frame']:.0f}"
+            if i
+            else "— | — | —"  # a reused corpus: its ingest ran in an earlier run
+        )
         lines.append(
-            f"| {i['frames']} | {i['frames_per_s']:.0f} | {i['vs_parse']:.2f} "
-            f"| {i['parquet_bytes_per_frame']:.0f} | {e['frames_per_s']:.0f} "
-            f"| {e['driver_mib']:.0f} | {e['tree_mib']:.0f} | {e['object_store_mib']:.0f} "
-            f"| {'—' if wait is None else f'{wait:.3f}'} |"
+            f"| {target} | {ingest} | {e['frames']} | {e['frames_per_s']:.0f} "
+            f"| {e['driver_private_mib']:.0f} ({e['driver_shared_mib']:.0f}) "
+            f"| {e['tree_private_mib']:.0f} ({e['tree_shared_mib']:.0f}) "
+            f"| {e['object_store_mib']:.0f} | {'—' if wait is None else f'{wait:.3f}'} |"
         )
     flat = ", ".join(f"{k} {v:.2f}" for k, v in c["flatness"].items())
     return [*lines, "", f"Largest ÷ smallest size: {flat}", ""]
@@ -473,6 +523,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--elastic-epochs", type=int, default=8)
     parser.add_argument("--mp-copies", type=int, default=4, help="MP train split repeated")
     parser.add_argument("--wait-samples", type=int, default=256, help="frames per epoch")
+    parser.add_argument(
+        "--keep-corpus", type=Path, help="move the largest size's ingested corpus here"
+    )
+    parser.add_argument(
+        "--reuse-corpus",
+        type=Path,
+        help="a --keep-corpus directory: the largest size streams from it, not generated again",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: small, few epochs")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/scale.json")
     args = parser.parse_args(argv)
