@@ -68,15 +68,21 @@ def _join(address: str, log_to_driver: bool) -> str | None:
     try:
         return ray.init(address=address, log_to_driver=log_to_driver).dashboard_url or None
     except (ConnectionError, AuthenticationError, TimeoutError) as error:
+        # Something listens there (the probe passed); Ray's ConnectionError does not say that
+        # the GCS refused this client for its token, only its C++ log lines do.
         said = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if isinstance(error, AuthenticationError) or "auth" in said.lower():
-            hint = (
-                "the cluster wants its token: export RAY_AUTH_MODE=token and "
-                "RAY_AUTH_TOKEN_PATH=<the head's token file> (cluster/README.md, Authentication)"
-            )
+        if os.environ.get("RAY_AUTH_MODE") == "token":
+            hint = "the cluster refused this client's token: is it the head's token file?"
         else:
-            hint = "is a head running there, and is the address host:port of its GCS?"
-        raise ClusterError(f"cannot join the Ray cluster at {address}: {hint} ({said})") from None
+            hint = (
+                "a cluster with token authentication (every cluster/ set-up) needs "
+                "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH=<the head's token file> "
+                "(cluster/README.md, Authentication)"
+            )
+        raise ClusterError(
+            f"cannot join the Ray cluster at {address}: something answers there, but {hint} "
+            f"({said})"
+        ) from None
 
 
 def _probe(address: str, timeout_s: float = 5.0) -> None:
