@@ -256,8 +256,24 @@ class PeakSampler:
     def __init__(self, interval: float = 0.25) -> None:
         self.interval = interval
         self.peaks = dict.fromkeys(self.KEYS, 0.0)
+        self.frames = 0  # the consumer's progress, set by it: each sample is stamped with it
+        self.samples: list[tuple[int, tuple[float, ...]]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def halves(self) -> dict[str, float]:
+        """Each key's peak over the second half of the frames ÷ over the first half: about 1
+        once memory has reached its plateau within the first half."""
+        middle = self.frames / 2
+        first = [v for f, v in self.samples if f < middle]
+        second = [v for f, v in self.samples if f >= middle]
+        if not first or not second:
+            return {}
+        return {
+            key: max(v[i] for v in second) / max(v[i] for v in first)
+            for i, key in enumerate(self.KEYS)
+            if max(v[i] for v in first)
+        }
 
     def _sample(self) -> tuple[float, ...]:
         me = psutil.Process()
@@ -274,7 +290,9 @@ class PeakSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            for key, value in zip(self.KEYS, self._sample(), strict=True):
+            sample = self._sample()
+            self.samples.append((self.frames, sample))
+            for key, value in zip(self.KEYS, sample, strict=True):
                 self.peaks[key] = max(self.peaks[key], value)
             self._stop.wait(self.interval)
 
@@ -300,17 +318,24 @@ def object_store_mib() -> float:
 
 def streamed_epoch(data: Path, tmp: Path) -> Row:
     """One pass over the training split through the trainer's own ``graph_dataset`` (read,
-    radius graphs at 6 Å), consumed in batches of 32 by this process; frames/s and peaks."""
+    radius graphs at 6 Å), consumed in batches of 32 by this process; frames/s, peaks, and
+    the second half's peaks ÷ the first half's."""
     from matsci_ray.train.trainer import graph_dataset
 
     config = make_config(data, tmp, "s2ef-forces", "egnn")
-    start, frames = time.perf_counter(), 0
+    start = time.perf_counter()
     with PeakSampler() as sampler:
         ds = graph_dataset(config, "oc20-s2ef", "train")
         for batch in ds.iter_batches(batch_size=32, batch_format="numpy"):
-            frames += len(batch["num_edges"])
-    seconds = time.perf_counter() - start
-    return {"frames": frames, "seconds": seconds, "frames_per_s": frames / seconds, **sampler.peaks}
+            sampler.frames += len(batch["num_edges"])
+    seconds, frames = time.perf_counter() - start, sampler.frames
+    return {
+        "frames": frames,
+        "seconds": seconds,
+        "frames_per_s": frames / seconds,
+        **sampler.peaks,
+        "second_half_vs_first": sampler.halves(),
+    }
 
 
 def parquet_bytes(dataset_dir: Path) -> int:
@@ -500,7 +525,15 @@ def _corpus_markdown(c: Row) -> list[str]:
             f"| {e['object_store_mib']:.0f} | {'—' if wait is None else f'{wait:.3f}'} |"
         )
     flat = ", ".join(f"{k} {v:.2f}" for k, v in c["flatness"].items())
-    return [*lines, "", f"Largest ÷ smallest size: {flat}", ""]
+    largest = c["sizes"][max(c["sizes"])]["epoch"].get("second_half_vs_first", {})
+    halves = ", ".join(f"{k} {v:.2f}" for k, v in largest.items())
+    return [
+        *lines,
+        "",
+        f"Largest ÷ smallest size: {flat}",
+        f"Largest size, peak over the second half of its epoch ÷ the first half: {halves}",
+        "",
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:
