@@ -45,10 +45,8 @@ def write_metrics(
     results: dict[str, dict[str, float]],
     generated: list[Any] | None = None,
 ) -> Location:
-    """``results``: metrics by source (:data:`SOURCES`: model, baseline, training set,
-    published);
-    ``generated``: ASE ``Atoms`` the model sampled, of which the first :data:`PICTURES` are
-    kept for the report's pictures."""
+    """``results``: metrics by source (:data:`SOURCES`); ``generated``: ASE ``Atoms`` the
+    model sampled, of which the first :data:`PICTURES` are kept for the report's pictures."""
     from ase.io import write
 
     path = location(run_dir) / METRICS_FILE
