@@ -207,6 +207,13 @@ class OptimConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     epochs: int = Field(20, gt=0)
     max_minutes: float | None = Field(None, gt=0, description="stop after this wall time")
+    max_steps_per_epoch: int | None = Field(
+        None,
+        gt=0,
+        description="end each epoch (validate, checkpoint, report) after this many optimiser "
+        "steps: a corpus whose full pass is hours; each epoch starts a new pass in its own "
+        "file order, so successive epochs train on different rows. None: whole passes",
+    )
     grad_clip: float | None = Field(10.0, gt=0)
     scheduler: Literal["cosine", "plateau", "none"] = Field(
         "cosine",

@@ -274,3 +274,22 @@ def test_plateau_run_keeps_best_and_latest_checkpoints(
     assert f"checkpoint: {kept[3]}" in out.splitlines()
     best = [line for line in out.splitlines() if line.startswith("best checkpoint: ")]
     assert best == [f"best checkpoint: {kept[1]} (epoch 1, val/mp-band-gap/mse = {scores[0]:.6g})"]
+
+
+def test_max_steps_per_epoch_caps_the_plan() -> None:
+    """An epoch of 100 batches cut at 3 steps: cosine plans 2 x 3 steps, and reaches its
+    floor after them; a resumed epoch that took 2 has 1 left (every worker the same)."""
+    from matsci_ray.train.loop import remaining_steps
+    from matsci_ray.train.schedule import MIN_LR_FRACTION
+
+    optim = OptimConfig(lr=LR, epochs=2, scheduler="cosine", max_steps_per_epoch=3)
+    optimizer = _optimizer()
+    schedule = Schedule(optimizer, optim, steps_per_epoch=100, higher_is_better=False)
+    assert schedule.total == 6
+    for _ in range(6):
+        _step(optimizer, schedule)
+    assert schedule.lr == pytest.approx(MIN_LR_FRACTION * LR)
+    config = ExperimentConfig.model_validate(
+        {"name": "c", "tasks": ["mp-band-gap"], "data": {"root": "/d"}, "optim": optim.model_dump()}
+    )
+    assert [remaining_steps(config, taken) for taken in (0, 2, 3)] == [3, 1, 0]

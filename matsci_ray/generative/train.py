@@ -175,7 +175,8 @@ def train_epoch(
         state.rank,
         loop_config.get("order_file"),
     )
-    for rows in itertools.islice(batches, state.scheduler.steps_in_epoch, None):
+    skip, stop = state.scheduler.steps_in_epoch, config.optim.max_steps_per_epoch
+    for rows in itertools.islice(batches, skip, None if stop is None else max(stop, skip)):
         batch = collate(rows, [target], [dataset]).to(state.device)
         losses = state.model(batch)
         state.optimizer.zero_grad(set_to_none=True)

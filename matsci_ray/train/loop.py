@@ -271,7 +271,9 @@ def train_epoch(state: TrainState, data: EpochData) -> dict[str, float]:
         packer,
     )
     # steps_in_epoch > 0: resumed from a mid-epoch checkpoint
-    for rows, counts in _steps(batches, state, state.scheduler.steps_in_epoch):
+    skip = state.scheduler.steps_in_epoch
+    steps = itertools.islice(_steps(batches, state, skip), remaining_steps(config, skip))
+    for rows, counts in steps:
         batch = collate(rows, targets, core.datasets).to(state.device)
         waited += time.monotonic() - wait
         preds, losses = _train_step(state, batch, counts)
@@ -323,6 +325,14 @@ def _steps(
             raise RuntimeError(f"worker {state.rank} has no training rows in this epoch")
         else:
             yield last, False
+
+
+def remaining_steps(config: ExperimentConfig, taken: int) -> int | None:
+    """Steps left in an epoch that has taken ``taken``: up to ``optim.max_steps_per_epoch``,
+    or ``None`` (to the end of the pass). Every worker counts the same steps, so all stop
+    together, and :func:`_steps` asks nothing of the others past the last one."""
+    limit = config.optim.max_steps_per_epoch
+    return None if limit is None else max(limit - taken, 0)
 
 
 def _any_worker(flag: bool, state: TrainState) -> bool:

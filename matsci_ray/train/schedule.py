@@ -52,6 +52,8 @@ class Schedule:
         self.optimizer, self.optim = optimizer, optim
         for group in optimizer.param_groups:  # as torch's schedulers do: saved with the optimiser
             group.setdefault("initial_lr", group["lr"])
+        if optim.max_steps_per_epoch is not None:  # epochs end there (the loops' islice)
+            steps_per_epoch = min(steps_per_epoch, optim.max_steps_per_epoch)
         self.total = max(optim.epochs * steps_per_epoch, 1)
         self.steps = 0  # optimiser steps taken, whatever the scheduler
         self.epoch_start = 0  # ``steps`` when the current epoch began
