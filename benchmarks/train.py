@@ -116,7 +116,15 @@ def fit(config: Any) -> dict[str, Any]:
     return {
         "samples_per_s": statistics.median(rate[1:] or rate),
         "data_wait_fraction": statistics.median(wait[1:] or wait),
-        "per_epoch": {"samples_per_s": rate, "data_wait_fraction": wait},
+        "per_epoch": {
+            "samples_per_s": rate,
+            "data_wait_fraction": wait,
+            **{
+                tag.split("/")[1]: [e.value for e in events.Scalars(tag)]
+                for tag in ("time/train_s", "time/first_batch_s")
+                if tag in events.Tags()["scalars"]
+            },
+        },
         "fit_s": time.perf_counter() - start,
         "load": os.getloadavg()[0],
     }

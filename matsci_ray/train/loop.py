@@ -257,7 +257,7 @@ def train_epoch(state: TrainState, data: EpochData) -> dict[str, float]:
     state.model.train()
     sums = MetricSums(core)
     epoch_start = wait = time.monotonic()
-    waited, samples = 0.0, 0
+    waited, samples, first_batch = 0.0, 0, None
     packer = AtomPacker(state.atom_budget) if state.atom_budget is not None else None
     batches = train_batches(
         config,
@@ -276,6 +276,7 @@ def train_epoch(state: TrainState, data: EpochData) -> dict[str, float]:
     for rows, counts in steps:
         batch = collate(rows, targets, core.datasets).to(state.device)
         waited += time.monotonic() - wait
+        first_batch = waited if first_batch is None else first_batch
         preds, losses = _train_step(state, batch, counts)
         if counts:
             for name, loss in losses.items():
@@ -290,6 +291,8 @@ def train_epoch(state: TrainState, data: EpochData) -> dict[str, float]:
         "time/train_s": elapsed,
         "train/samples_per_s": samples * state.world / max(elapsed, 1e-9),
         "train/data_wait_fraction": waited / max(elapsed, 1e-9),
+        # the stream's start-up (file reads, first graphs), included in the fraction above
+        "time/first_batch_s": first_batch or 0.0,
     }
     if packer is not None:
         metrics["train/oversized_structures"] = packer.oversized
