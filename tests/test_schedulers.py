@@ -279,7 +279,7 @@ def test_plateau_run_keeps_best_and_latest_checkpoints(
 def test_max_steps_per_epoch_caps_the_plan() -> None:
     """An epoch of 100 batches cut at 3 steps: cosine plans 2 x 3 steps, and reaches its
     floor after them; a resumed epoch that took 2 has 1 left (every worker the same)."""
-    from matsci_ray.train.loop import remaining_steps
+    from matsci_ray.train.batches import remaining_steps
     from matsci_ray.train.schedule import MIN_LR_FRACTION
 
     optim = OptimConfig(lr=LR, epochs=2, scheduler="cosine", max_steps_per_epoch=3)

@@ -290,7 +290,7 @@ def _mixed_config(root: Path, storage: Path, name: str, **run: object) -> Experi
 def test_mixed_ray_data_epoch_packs_every_row_once(mp_oc20_root: Path, tmp_path: Path) -> None:
     """The loop's own epoch over Ray Data (two data sets mixed proportionally, one worker):
     every batch within the atom bound unless one slab alone exceeds it, every row once."""
-    from matsci_ray.train.loop import train_batches
+    from matsci_ray.train.batches import train_batches
     from matsci_ray.train.trainer import graph_dataset
 
     config = _mixed_config(mp_oc20_root, tmp_path, "packing")

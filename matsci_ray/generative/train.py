@@ -34,8 +34,10 @@ from matsci_ray.graphs.collate import collate
 from matsci_ray.storage import Location, location, ray_storage, resolve
 from matsci_ray.tasks.registry import TASKS, metric_key
 from matsci_ray.train import loop, trainer
+from matsci_ray.train.batches import remaining_steps, train_batches
 from matsci_ray.train.checkpoint import check_resume
 from matsci_ray.train.preflight import prepare_run
+from matsci_ray.train.resume import restore
 from matsci_ray.train.schedule import Schedule
 from matsci_ray.train.telemetry import Telemetry
 
@@ -130,7 +132,7 @@ def start(loop_config: dict[str, Any]) -> loop.TrainState:
         device=ray.train.torch.get_device(),
         batch_size=loop.worker_batch_size(config, world),
     )
-    loop._restore(state, loop_config)
+    restore(state, loop_config)
     objective = Objective(model, TASKS[config.tasks[0]].target)
     state.model = ray.train.torch.prepare_model(objective)
     return state
@@ -148,11 +150,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         metrics.update(validate(state, val))
         state.epoch += 1
         state.scheduler.step_epoch(metrics[VAL_LOSS])
-        loop._early_stopping(state, metrics[VAL_LOSS])
+        loop.early_stopping(state, metrics[VAL_LOSS])
         metrics.update(epoch=state.epoch, step=state.scheduler.steps, lr=state.scheduler.lr)
         telemetry.log(metrics, state.epoch)
         report(state, metrics)
-        if loop._should_stop(state, started):
+        if loop.should_stop(state, started):
             break
     telemetry.close()
 
@@ -165,7 +167,7 @@ def train_epoch(
     state.model.train()
     sums: dict[str, float] = {}
     count, epoch_start = 0, time.monotonic()
-    batches = loop.train_batches(
+    batches = train_batches(
         config,
         shards,
         {dataset: loop_config["records"]},
@@ -175,8 +177,9 @@ def train_epoch(
         state.rank,
         loop_config.get("order_file"),
     )
-    skip, stop = state.scheduler.steps_in_epoch, config.optim.max_steps_per_epoch
-    for rows in itertools.islice(batches, skip, None if stop is None else max(stop, skip)):
+    skip = state.scheduler.steps_in_epoch  # > 0: resumed from a mid-epoch checkpoint
+    steps = itertools.islice(batches, skip, None)
+    for rows in itertools.islice(steps, remaining_steps(config, skip)):
         batch = collate(rows, [target], [dataset]).to(state.device)
         losses = state.model(batch)
         state.optimizer.zero_grad(set_to_none=True)

@@ -32,20 +32,18 @@ order and skips as many batches (of the current world size) as were trained, so 
 the epoch's remaining steps and the schedule goes on at the checkpoint's step. With one
 worker the rows are the very ones an uninterrupted run would train; with several, Ray
 Data's split deals rows to workers as they ask, so the rows skipped are as many as were
-trained, not necessarily the same ones.
+trained, not necessarily the same ones. ``optim.max_steps_per_epoch`` ends an epoch after
+that many steps on every worker at once (:func:`~matsci_ray.train.batches.remaining_steps`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import json
 import logging
 import math
-import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,20 +55,20 @@ import torch.distributed as dist
 from torch import nn
 
 from matsci_ray.config import ExperimentConfig
-from matsci_ray.data.mixing import MixedBatches, epoch_batches, mixture_weights
 from matsci_ray.graphs.batching import AtomPacker
 from matsci_ray.graphs.collate import batch_targets, collate
 from matsci_ray.potential import MatSciModel, Predictions
-from matsci_ray.storage import Location, exists, is_file, location, read_text, write_text
 from matsci_ray.tasks.registry import primary_metric
-from matsci_ray.train.checkpoint import load_training_state, read_checkpoint, save_checkpoint
-from matsci_ray.train.data_order import announce, order_seed
+from matsci_ray.train import faults
+from matsci_ray.train.batches import remaining_steps, train_batches
+from matsci_ray.train.checkpoint import save_checkpoint
 from matsci_ray.train.ema import ExponentialMovingAverage
 from matsci_ray.train.metrics import MetricSums, score, task_losses
 from matsci_ray.train.pcgrad import pcgrad_backward
 from matsci_ray.train.precision import maybe_compile, set_matmul_precision, training_autocast
+from matsci_ray.train.resume import restore
 from matsci_ray.train.schedule import Schedule
-from matsci_ray.train.telemetry import HISTORY, Telemetry
+from matsci_ray.train.telemetry import Telemetry
 
 logger = logging.getLogger(__name__)
 
@@ -131,12 +129,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     telemetry = Telemetry(state.config, state.rank)
     started = time.monotonic()
     while state.epoch < state.config.optim.epochs:
-        _maybe_fail(state.config, state.epoch, state.rank)
+        faults.maybe_fail(state.config, state.epoch, state.rank)
         metrics = run_epoch(state, data)
         telemetry.log(metrics, state.epoch)
         report(state, metrics)
-        _hold_while_shrunk(state)
-        if _should_stop(state, started):
+        faults.hold_while_shrunk(state.config, state.world)
+        if should_stop(state, started):
             break
     telemetry.close()
 
@@ -169,7 +167,7 @@ def start(loop_config: dict[str, Any]) -> TrainState:
         batch_size=worker_batch_size(config, world),
         atom_budget=worker_atom_budget(config, world),
     )
-    restored = _restore(state, loop_config)
+    restored = restore(state, loop_config)
     state.ema = _moving_average(state, restored)  # before compiling: it copies the model
     maybe_compile(core, config, state.device)
     state.model = _prepare(core, config)
@@ -239,7 +237,7 @@ def run_epoch(state: TrainState, data: EpochData) -> dict[str, float]:
     key, _ = primary_metric(state.config.tasks)
     # plateau: the same metric on every rank (validate all-reduces it), the same cut
     state.scheduler.step_epoch(metrics.get(key, float("nan")))
-    _early_stopping(state, metrics.get(key, float("nan")))
+    early_stopping(state, metrics.get(key, float("nan")))
     metrics["epoch"] = state.epoch
     metrics["step"] = state.scheduler.steps
     metrics["workers"] = state.world
@@ -330,14 +328,6 @@ def _steps(
             yield last, False
 
 
-def remaining_steps(config: ExperimentConfig, taken: int) -> int | None:
-    """Steps left in an epoch that has taken ``taken``: up to ``optim.max_steps_per_epoch``,
-    or ``None`` (to the end of the pass). Every worker counts the same steps, so all stop
-    together, and :func:`_steps` asks nothing of the others past the last one."""
-    limit = config.optim.max_steps_per_epoch
-    return None if limit is None else max(limit - taken, 0)
-
-
 def _any_worker(flag: bool, state: TrainState) -> bool:
     """Whether ``flag`` holds on some worker (an all-reduce: every worker must call it)."""
     value = torch.tensor([int(flag)], device=state.device)
@@ -394,7 +384,7 @@ def _maybe_checkpoint_step(state: TrainState) -> None:
     key, _ = primary_metric(state.config.tasks)
     metrics = {"epoch": state.epoch, "step": steps, "workers": state.world, key: math.nan}
     report(state, {**metrics, "lr": state.scheduler.lr})
-    _maybe_fail_at_step(state.config, steps, state.rank)
+    faults.maybe_fail_at_step(state.config, steps, state.rank)
 
 
 def report(state: TrainState, metrics: dict[str, float]) -> None:
@@ -443,7 +433,7 @@ def _optimiser_step(state: TrainState, losses: dict[str, torch.Tensor]) -> None:
         state.ema.update(state.core)
 
 
-def _early_stopping(state: TrainState, value: float) -> None:
+def early_stopping(state: TrainState, value: float) -> None:
     """Track the best primary metric and the epochs since it improved (a NaN is not counted)."""
     if math.isnan(value):
         return
@@ -454,7 +444,7 @@ def _early_stopping(state: TrainState, value: float) -> None:
         state.stale += 1
 
 
-def _should_stop(state: TrainState, started: float) -> bool:
+def should_stop(state: TrainState, started: float) -> bool:
     """Out of time (``optim.max_minutes``) or of patience (``early_stopping_patience``)."""
     optim = state.config.optim
     out_of_time = (
@@ -462,114 +452,6 @@ def _should_stop(state: TrainState, started: float) -> bool:
     )
     patience = optim.early_stopping_patience
     return out_of_time or (patience is not None and state.stale >= patience)
-
-
-def _maybe_fail(config: ExperimentConfig, epoch: int, rank: int) -> None:
-    """Testing hook: rank 0 dies (once per run directory) at ``run.fail_at_epoch``."""
-    if config.run.fail_at_epoch == epoch and rank == 0:
-        _die_once(config, f".failed-at-{epoch}")
-
-
-def _hold_while_shrunk(state: TrainState) -> None:
-    """Testing hook: on fewer than MAX workers, wait after the epoch (reported and
-    checkpointed) while ``run.hold_shrunk_while_file_exists`` exists, so the run cannot end
-    before a test's new node joins; the resize to more workers ends this group meanwhile."""
-    gate, full = state.config.run.hold_shrunk_while_file_exists, state.config.run.max_workers
-    while gate is not None and state.world < full and gate.exists():
-        time.sleep(0.2)
-
-
-def _maybe_fail_at_step(config: ExperimentConfig, step: int, rank: int) -> None:
-    """Testing hook: rank 0 dies (once per run directory) after reporting the checkpoint of
-    step ``run.fail_at_step``, once the controller has had time to collect that report (it
-    polls every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``; a report still queued in a dead
-    worker is lost, as it would be on a lost node)."""
-    if config.run.fail_at_step == step and rank == 0:
-        _die_once(config, f".failed-at-step-{step}", after_s=3.0)
-
-
-def _die_once(config: ExperimentConfig, marker_name: str, after_s: float = 0.0) -> None:
-    """Exit this worker at once, unless the run directory's ``marker_name`` says it did."""
-    marker = config.run.storage / config.name / marker_name
-    if exists(marker):
-        return
-    write_text(marker, "")
-    time.sleep(after_s)
-    os._exit(1)
-
-
-def train_batches(
-    config: ExperimentConfig,
-    shards: dict[str, Any],
-    sizes: dict[str, int],
-    batch_size: int,
-    world_size: int,
-    epoch: int = 0,
-    rank: int = 0,
-    order_file: str | None = None,
-    packer: AtomPacker | None = None,
-) -> Iterator[dict[str, Any]]:
-    """One epoch of row batches of ``batch_size`` rows (this worker's share of the global
-    batch): a single data set streams directly; several are interleaved by the mixing
-    schedule so that no data set starves.
-
-    With a ``packer`` (``data.max_atoms_per_batch``) the rows are read ``batch_size`` at a
-    time and regrouped into batches of at most its atoms. A single data set's pass is then
-    used once, every row in one batch; several are interleaved for exactly this worker's
-    share of the epoch's rows, ``ceil(total / world_size)``, so under proportional mixing
-    with one worker every row is used once too (the schedule's first ``total`` slots hold
-    each data set exactly its size), and with several up to one row more or less per data
-    set, as Ray's equal split of each data set leaves them.
-
-    Each pass over a data set is ordered by ``(run seed, epoch, pass)`` alone: rank 0
-    announces it in ``order_file`` for the split's coordinator, and the local shuffle buffer
-    is seeded with it (and the rank), so a resumed or restarted run sees what an
-    uninterrupted one sees."""
-    buffer = config.data.shuffle_buffer or None
-
-    def passes(name: str, shard: Any) -> Callable[[], Iterator[dict[str, Any]]]:
-        counter = itertools.count()
-
-        def start() -> Iterator[dict[str, Any]]:
-            index = next(counter)
-            if rank == 0 and order_file is not None:
-                announce(order_file, name, epoch, index)
-            return iter(
-                shard.iter_batches(
-                    batch_size=batch_size,
-                    batch_format="numpy",
-                    local_shuffle_buffer_size=buffer,
-                    local_shuffle_seed=order_seed(config.run.seed, epoch, index, rank)
-                    if buffer
-                    else None,
-                    prefetch_batches=2,
-                )
-            )
-
-        return start
-
-    if len(shards) == 1:
-        rows = passes(*next(iter(shards.items())))()
-        return rows if packer is None else packer(rows)
-    weights = mixture_weights(sizes, config.data.mix, config.data.mix_temperature)
-    sources = {name: passes(name, shard) for name, shard in shards.items()}
-    if packer is None:
-        batches = epoch_batches(sizes, batch_size, world_size)
-        return iter(MixedBatches(sources, weights, batch_size, batches))
-    share = -(-sum(sizes.values()) // world_size)
-    mixed = MixedBatches(sources, weights, batch_size, -(-share // batch_size))
-    return packer(_first_rows(iter(mixed), share))
-
-
-def _first_rows(batches: Iterator[dict[str, Any]], count: int) -> Iterator[dict[str, Any]]:
-    """The first ``count`` rows of ``batches``, the last batch cut short."""
-    for rows in batches:
-        size = len(next(iter(rows.values()), ()))
-        if size >= count:
-            yield {column: values[:count] for column, values in rows.items()}
-            return
-        yield rows
-        count -= size
 
 
 def _prepare(core: MatSciModel, config: ExperimentConfig) -> nn.Module:
@@ -582,51 +464,3 @@ def _prepare(core: MatSciModel, config: ExperimentConfig) -> nn.Module:
         for tensor in core.state_dict().values():
             dist.broadcast(tensor, src=0)
     return model
-
-
-def _restore(state: TrainState, loop_config: dict[str, Any]) -> dict[str, Any] | None:
-    """Load the checkpoint this worker group starts from into ``state`` (epoch, best, stale,
-    and the trained weights where it kept a weight average beside them); the checkpoint's
-    state, or ``None`` when the run starts afresh.
-
-    Ray Train V2 hands the loop this run's latest checkpoint (after a ``FailureConfig``
-    restart, or when a run directory of the same name and storage already holds one), and
-    ``--resume`` names another (``loop_config["resume_from"]``). The later of the two wins,
-    Ray's on a tie: a restart after a resume continues from the restart's checkpoint."""
-    resume = loop_config.get("resume_from")
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and resume is None:
-        return None
-    with contextlib.ExitStack() as stack:
-        candidates = []
-        if checkpoint is not None:
-            candidates.append(Path(stack.enter_context(checkpoint.as_directory())))
-        if resume is not None:
-            candidates.append(location(resume))
-        states = [read_checkpoint(path) for path in candidates]  # each read once
-        latest = max(range(len(states)), key=lambda i: int(states[i]["epoch"]))  # Ray's on a tie
-        restored = load_training_state(states[latest], state.core, state.optimizer, state.scheduler)
-    ema = states[latest].get("ema")
-    if ema is not None:  # its model is the average: training goes on from the raw weights
-        state.core.load_state_dict(ema["raw_model"])
-    state.epoch, state.best, state.stale = restored
-    if state.rank == 0:
-        resumed = resume is not None and candidates[latest] == location(resume)
-        _settle_history(state.config, location(resume) if resumed else None, state.epoch)
-    return states[latest]
-
-
-def _settle_history(config: ExperimentConfig, resumed: Location | None, epoch: int) -> None:
-    """Make ``history.jsonl`` hold epochs 1 to ``epoch`` once each, before the run goes on
-    from a checkpoint of ``epoch``: a run resumed under a new name starts it with the source
-    run's epochs (``resumed``: the checkpoint it resumes), and a restart drops any epoch
-    logged after its checkpoint (a worker lost between logging an epoch and reporting it)."""
-    target = config.run.storage / config.name / HISTORY
-    source = target if exists(target) or resumed is None else resumed.parent / HISTORY
-    if not is_file(source):
-        return
-    rows = [line for line in read_text(source).splitlines() if line.strip()]
-    kept = [line for line in rows if json.loads(line).get("epoch", 0) <= epoch]
-    if source == target and len(kept) == len(rows):
-        return
-    write_text(target, "".join(f"{line}\n" for line in kept))
