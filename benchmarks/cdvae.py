@@ -75,6 +75,7 @@ def config_of(name: str, root: Path, storage: Path, args: argparse.Namespace) ->
                     "latent_dim": 64,
                     "max_atoms": max_atoms,
                     "num_noise_levels": 20,
+                    "beta": args.beta,
                 },
             },
             "optim": {"lr": 1e-3, "epochs": args.epochs, "scheduler": "cosine"},
@@ -94,6 +95,7 @@ def evaluate(name: str, config: Any, checkpoint: Path, args: argparse.Namespace)
 
     from matsci_ray.generative import checkpoint as ckpt
     from matsci_ray.generative.data import crystals, crystals_of, graph_batches
+    from matsci_ray.generative.diagnostics import predictor_scores, prior_natoms_seen
     from matsci_ray.generative.metrics import (
         generation_metrics,
         match,
@@ -116,7 +118,13 @@ def evaluate(name: str, config: Any, checkpoint: Path, args: argparse.Namespace)
     generated = generate(model, args.generate, langevin, args.seed)
     sampling_s = time.monotonic() - start
     training = crystals(config.data.root, dataset, "train")
+    test = graph_batches(config.data.root, dataset, "test", 6.0, 32, args.eval)
+    seen = {len(z) for z in training.numbers}
     return {
+        "predictors": {
+            **predictor_scores(model, test),
+            "prior_natoms_seen": prior_natoms_seen(model, seen),
+        },
         "model": {**match(predicted, reference), **generation_metrics(generated, reference)},
         "baseline": {
             **match(scrambled(reference, args.seed), reference),
@@ -174,6 +182,7 @@ def run_one(name: str, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
             "generated": args.generate,
             "steps_per_level": args.steps_per_level,
             "noise_levels": 20,
+            "beta": args.beta,
         },
     }
 
@@ -188,6 +197,7 @@ def main() -> None:
     parser.add_argument("--steps-per-level", type=int, default=4)
     parser.add_argument("--step-lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--beta", type=float, default=0.01, help="KL weight (CDVAE's 0.01)")
     parser.add_argument("--quick", action="store_true", help="half of every budget")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cdvae.json")
     args = parser.parse_args()

@@ -237,3 +237,41 @@ def test_predictive_commands_refuse_a_generative_checkpoint(perov: Path, tmp_pat
     with pytest.raises(CheckpointError, match="generative model's checkpoint") as error:
         load_model(tmp_path)
     assert len(str(error.value).splitlines()) == 1 and "matsci-ray generate" in str(error.value)
+
+
+def _constant_head(head: torch.nn.Module, bias: torch.Tensor) -> None:
+    """Make an MLP head output ``bias`` whatever its input: its last layer's weights zero."""
+    last = [m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(bias)
+
+
+def test_predictor_scores_on_known_heads(perov: Path) -> None:
+    """Heads forced to constants: an atom-count head that always says 5 is right on every
+    perov-5 crystal and on every prior draw; a lattice head that outputs the training mean
+    scores exactly the mean's error; a composition head sure of one element matches no
+    perovskite (three elements each)."""
+    from matsci_ray.generative.diagnostics import predictor_scores, prior_natoms_seen
+
+    model = tiny_model(perov).eval()
+    natoms = torch.full((model.max_atoms + 1,), -50.0)
+    natoms[5] = 50.0
+    _constant_head(model.natoms_head, natoms)
+    _constant_head(model.lattice_head, torch.zeros(6))
+    _constant_head(model.composition_head, torch.nn.functional.one_hot(torch.tensor(7), 100) * 50.0)
+    scores = predictor_scores(model, graph_batches(perov, "perov-5", "test", 6.0, 5))
+    assert scores["natoms_accuracy"] == 1.0
+    assert scores["lattice_length_mae"] == pytest.approx(scores["lattice_length_mae_of_mean"])
+    assert scores["lattice_length_mae_of_mean"] > 0.01
+    assert scores["composition_exact"] == 0.0
+    assert prior_natoms_seen(model, {5}) == 1.0
+    assert prior_natoms_seen(model, {4, 6}) == 0.0
+
+
+def test_same_compositions_ignores_atom_order() -> None:
+    from matsci_ray.generative.diagnostics import same_compositions
+
+    predicted = torch.tensor([8, 8, 22, 1, 1])
+    true = torch.tensor([22, 8, 8, 1, 6])
+    assert same_compositions(predicted, true, torch.tensor([3, 2])) == 1
