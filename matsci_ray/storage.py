@@ -5,12 +5,11 @@ A location is a :class:`~pathlib.Path` (local, exactly as before) or a :class:`U
 join with ``/`` and have ``name`` and ``parent``. Every file operation on a location goes
 through this module: local paths take the plain ``os``/``pathlib`` route (no pyarrow on the
 way, so local runs cost what they did), URIs a pyarrow file system made once per process and
-bucket. Credentials and endpoint come from the environment (``AWS_ACCESS_KEY_ID``,
-``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_DEFAULT_REGION``/``AWS_REGION``,
-``AWS_ENDPOINT_URL``/``AWS_ENDPOINT_URL_S3`` for MinIO and other S3-compatible stores;
-Google's default credentials for ``gs://``). The first use of a bucket checks it with short
-timeouts, so an unreachable endpoint, refused credentials or a missing bucket is one
-:class:`~matsci_ray.errors.StorageError` line at once instead of retries for tens of seconds.
+bucket (:mod:`matsci_ray.buckets`). Credentials and endpoint come from the environment
+(``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``,
+``AWS_DEFAULT_REGION``/``AWS_REGION``, ``AWS_ENDPOINT_URL``/``AWS_ENDPOINT_URL_S3`` for MinIO
+and other S3-compatible stores; Google's default credentials for ``gs://``), and the first
+use of a bucket checks it: one :class:`~matsci_ray.errors.StorageError` line on what is wrong.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ import fnmatch
 import functools
 import os
 import shutil
-import socket
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,38 +27,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import PlainSerializer, PlainValidator, WithJsonSchema
 
+from matsci_ray import buckets
 from matsci_ray.errors import StorageError
 
 if TYPE_CHECKING:
     import pyarrow as pa
     import pyarrow.fs as pafs
-
-# Seconds the first check of a bucket waits to connect and for an answer: an endpoint that is
-# down or firewalled fails within them instead of after the SDK's retries.
-PROBE_CONNECT_S = 3.0
-PROBE_REQUEST_S = 10.0
-# AWS's instance-metadata address: credentials of an EC2 instance role come from it.
-_IMDS = ("169.254.169.254", 80)
-_CREDENTIAL_FILES = ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE")
-_CREDENTIAL_VARS = (
-    "AWS_PROFILE",
-    "AWS_WEB_IDENTITY_TOKEN_FILE",
-    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-)
-# The environment a file system is made from: a change makes a new one (tests, notebooks).
-_ENV_KEYS = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_DEFAULT_REGION",
-    "AWS_REGION",
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "GOOGLE_APPLICATION_CREDENTIALS",
-    *_CREDENTIAL_FILES,
-    *_CREDENTIAL_VARS,
-)
 
 
 @dataclass(frozen=True)
@@ -164,10 +136,6 @@ LocationField = Annotated[
 # --- file systems --------------------------------------------------------------------------
 
 
-def _env() -> tuple[str | None, ...]:
-    return tuple(os.environ.get(key) for key in _ENV_KEYS)
-
-
 def filesystem(loc: Location) -> tuple[pafs.FileSystem, str]:
     """The pyarrow file system of ``loc`` and its path there (local: the path as given)."""
     import pyarrow.fs as pafs
@@ -175,13 +143,13 @@ def filesystem(loc: Location) -> tuple[pafs.FileSystem, str]:
     if isinstance(loc, Path):
         return _local(), str(loc)
     if loc.scheme == "s3":
-        return _s3(loc.bucket, _env()), loc.key
+        return buckets.s3_filesystem(loc.bucket, buckets.environment()), loc.key
     if loc.scheme in ("gs", "gcs"):
-        return _gcs(loc.bucket, _env()), loc.key
+        return buckets.gcs_filesystem(loc.bucket, buckets.environment()), loc.key
     try:
         fs, path = pafs.FileSystem.from_uri(loc.text)
     except (OSError, ValueError) as error:
-        raise StorageError(f"{loc}: {_first_line(error)}") from None
+        raise StorageError(f"{loc}: {buckets.first_line(error)}") from None
     return fs, path
 
 
@@ -198,126 +166,6 @@ def check(*locs: Location) -> None:
     for loc in locs:
         if isinstance(loc, Uri):
             filesystem(loc)
-
-
-def endpoint() -> str | None:
-    """The S3 endpoint the environment names (``AWS_ENDPOINT_URL_S3`` first), if any: pyarrow
-    reads neither variable itself in every release, so it is passed here, the one place."""
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-
-
-def _s3_options() -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    url = endpoint()
-    if url:
-        scheme, sep, rest = url.partition("://")
-        options["endpoint_override"] = rest if sep else url
-        options["scheme"] = scheme if sep else "https"
-    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
-    if region:
-        options["region"] = region
-    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
-    if key and secret:
-        options.update(access_key=key, secret_key=secret)
-        if os.environ.get("AWS_SESSION_TOKEN"):
-            options["session_token"] = os.environ["AWS_SESSION_TOKEN"]
-    return options
-
-
-@functools.lru_cache(maxsize=16)
-def _s3(bucket: str, env: tuple[str | None, ...]) -> pafs.FileSystem:
-    """One checked S3 file system per bucket and environment (``env`` keys the cache only)."""
-    import pyarrow.fs as pafs
-
-    where = Uri(f"s3://{bucket}")
-    _check_credentials(where)
-    options = _s3_options()
-    probe = pafs.S3FileSystem(
-        **options,
-        connect_timeout=PROBE_CONNECT_S,
-        request_timeout=PROBE_REQUEST_S,
-        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1),
-    )
-    _checked(probe, where, "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
-    return pafs.S3FileSystem(**options)
-
-
-@functools.lru_cache(maxsize=16)
-def _gcs(bucket: str, env: tuple[str | None, ...]) -> pafs.FileSystem:
-    """One checked GCS file system per bucket (Google's default credentials)."""
-    import pyarrow.fs as pafs
-
-    fs = pafs.GcsFileSystem()
-    return _checked(fs, Uri(f"gs://{bucket}"), "GOOGLE_APPLICATION_CREDENTIALS")
-
-
-def _check_credentials(where: Uri) -> None:
-    """Some credential source is configured: without one the SDK would sign nothing and a
-    private bucket answer 'access denied' (or a metadata lookup stall) far from the cause."""
-    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
-    if bool(key) != bool(secret):
-        given, missing = (
-            ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-            if key
-            else ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID")
-        )
-        raise StorageError(f"{where}: {given} is set but {missing} is not")
-    if key or any(os.environ.get(v) for v in _CREDENTIAL_VARS):
-        return
-    files = [os.environ.get(v) for v in _CREDENTIAL_FILES]
-    files += [str(Path.home() / ".aws" / "credentials"), str(Path.home() / ".aws" / "config")]
-    metadata = os.environ.get("AWS_EC2_METADATA_DISABLED", "").lower() != "true"
-    if any(f and Path(f).is_file() for f in files) or (metadata and _instance_role()):
-        return
-    raise StorageError(
-        f"{where}: no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-        "(or AWS_PROFILE) in the environment of every Ray node"
-    )
-
-
-@functools.cache
-def _instance_role() -> bool:
-    """Whether an EC2 metadata service answers (instance-role credentials); a quick connect."""
-    try:
-        with socket.create_connection(_IMDS, timeout=0.3):
-            return True
-    except OSError:
-        return False
-
-
-def _checked(fs: pafs.FileSystem, where: Uri, credentials: str) -> pafs.FileSystem:
-    """``fs`` once its bucket answers; else one line on why not."""
-    import pyarrow.fs as pafs
-
-    try:
-        info = fs.get_file_info(where.bucket)
-    except OSError as error:
-        raise StorageError(f"{where}: {_why(error, credentials)}") from None
-    if info.type == pafs.FileType.NotFound:
-        raise StorageError(
-            f"{where}: bucket {where.bucket!r} does not exist"
-            + (f" at {endpoint()}" if where.scheme == "s3" and endpoint() else "")
-            + " (create it first)"
-        )
-    return fs
-
-
-def _why(error: OSError, credentials: str) -> str:
-    text = str(error)
-    upper = text.upper()
-    if "NETWORK_CONNECTION" in upper or "CURLCODE" in upper or "TIMEOUT" in upper:
-        at = endpoint() or "the default endpoint"
-        return f"cannot reach the object store at {at} (check AWS_ENDPOINT_URL and the network)"
-    if any(s in upper for s in ("ACCESS_DENIED", "ACCESSDENIED", "INVALID_ACCESS", "SIGNATURE")):
-        return f"access denied: check the credentials ({credentials})"
-    if "NO_SUCH_BUCKET" in upper:
-        return "the bucket does not exist (create it first)"
-    return _first_line(error)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def ray_storage(loc: Location) -> dict[str, Any]:
