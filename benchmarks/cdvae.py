@@ -8,7 +8,10 @@ training crystals' atoms and cells with random positions (the training set's com
 and density). CDVAE's published figures were trained on the full training splits (perov-5:
 ~11k crystals, carbon-24: ~10k, for hundreds of epochs on a GPU); the sample data hold only
 val and test, and the default budget here is minutes on a shared CPU, so the model's figures
-measure the pipeline and its direction, not CDVAE's ceiling.
+measure the pipeline and its direction, not CDVAE's ceiling. Beside them the latent heads
+are scored alone (``predictors``: atom count, lattice against the training mean, exact
+composition, and the atom counts of prior draws; :mod:`matsci_ray.generative.diagnostics`),
+so a failed match says which part failed.
 
 Run ``python benchmarks/cdvae.py`` (defaults: both data sets, 400 training crystals, 6
 epochs, 60 test crystals, 60 samples, 4 Langevin steps per level, seed 0); ``--quick``
