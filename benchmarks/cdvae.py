@@ -106,17 +106,24 @@ def evaluate(name: str, config: Any, checkpoint: Path, args: argparse.Namespace)
         scrambled,
         training_sample,
     )
-    from matsci_ray.generative.sampling import Crystals, Langevin, generate, reconstruct
+    from matsci_ray.generative.sampling import (
+        Crystals,
+        Langevin,
+        generate,
+        reconstruct,
+        reconstruct_positions,
+    )
 
     dataset = SOURCES[name][0]
     model, _, _ = ckpt.load(checkpoint, "benchmark")
     langevin = Langevin(steps_per_level=args.steps_per_level, step_lr=args.step_lr)
     generator = torch.Generator().manual_seed(args.seed)
     start = time.monotonic()
-    originals, rebuilt = [], []
+    originals, rebuilt, placed = [], [], []
     for batch in graph_batches(config.data.root, dataset, "test", 6.0, 32, args.eval):
         originals.append(crystals_of(batch))
         rebuilt.append(reconstruct(model, batch, langevin, generator))
+        placed.append(reconstruct_positions(model, batch, langevin, generator))
     reference, predicted = Crystals.concat(originals), Crystals.concat(rebuilt)
     generated = generate(model, args.generate, langevin, args.seed)
     sampling_s = time.monotonic() - start
@@ -129,6 +136,7 @@ def evaluate(name: str, config: Any, checkpoint: Path, args: argparse.Namespace)
             "prior_natoms_seen": prior_natoms_seen(model, seen),
         },
         "model": {**match(predicted, reference), **generation_metrics(generated, reference)},
+        "decoder_only": match(Crystals.concat(placed), reference),
         "baseline": {
             **match(scrambled(reference, args.seed), reference),
             **generation_metrics(random_crystals(training, args.generate, args.seed), reference),
@@ -171,7 +179,7 @@ def run_one(name: str, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     write_metrics(
         storage / config.name,
         source,
-        {k: found[k] for k in ("model", "baseline", "training_set", "published")},
+        {k: found[k] for k in ("model", "decoder_only", "baseline", "training_set", "published")},
         generated.to_atoms(),
     )
     return {

@@ -4,7 +4,9 @@ From ``z`` the model predicts the atom count, the lattice and the composition; a
 uniformly random fractional positions with types drawn from the composition, and at each noise
 level ``sigma`` (largest first) take ``steps_per_level`` Langevin steps of size
 ``step_lr * (sigma / sigma_min)^2`` along the decoder's score, types following the decoder's
-prediction. ``generate`` draws ``z`` from the prior, ``reconstruct`` takes the encoder's mean.
+prediction. ``generate`` draws ``z`` from the prior, ``reconstruct`` takes the encoder's mean;
+``reconstruct_positions`` gives the decoder each crystal's true atoms and cell (a test of the
+score network alone).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from torch import Tensor
 
 from matsci_ray.generative.lattice import (
+    matrix_to_params,
     params_to_matrix,
     to_cartesian,
     to_fractional,
@@ -90,8 +93,23 @@ def decode(model: CDVAE, z: Tensor, langevin: Langevin, generator: torch.Generat
     """Crystals of latents ``z`` (B, latent) by annealed Langevin dynamics."""
     natoms = model.natoms_head(z).argmax(-1).clamp_min(1)
     cell = params_to_matrix(unscaled_params(model.lattice_params(z), natoms))
-    index = torch.repeat_interleave(torch.arange(len(z), device=z.device), natoms)
     numbers = composition_numbers(model.composition_head(z).softmax(-1), natoms)
+    return _anneal(model, z, numbers, cell, natoms, langevin, generator, update_types=True)
+
+
+def _anneal(
+    model: CDVAE,
+    z: Tensor,
+    numbers: Tensor,
+    cell: Tensor,
+    natoms: Tensor,
+    langevin: Langevin,
+    generator: torch.Generator,
+    update_types: bool,
+) -> Crystals:
+    """Positions from uniform noise down the noise levels; types follow the decoder's
+    prediction when ``update_types``, else stay ``numbers``."""
+    index = torch.repeat_interleave(torch.arange(len(z), device=z.device), natoms)
     frac = torch.rand(len(index), 3, generator=generator).to(z.device)
     sigma_min = float(model.sigmas[-1])
     for sigma in model.sigmas.tolist():
@@ -103,7 +121,8 @@ def decode(model: CDVAE, z: Tensor, langevin: Langevin, generator: torch.Generat
             noise = torch.randn(cart.shape, generator=generator).to(z.device)
             cart = cart + step * out / sigma + math.sqrt(2 * step) * noise
             frac = wrap(to_fractional(cart, cell, index))
-            numbers = logits.argmax(-1) + 1
+            if update_types:
+                numbers = logits.argmax(-1) + 1
     return _crystals(numbers, frac, cell, natoms)
 
 
@@ -137,3 +156,17 @@ def reconstruct(
     """The crystals of a PyG batch, encoded (latent mean) and decoded."""
     _, mu, _ = model.encode(batch)
     return decode(model, mu, langevin, generator)
+
+
+@torch.no_grad()
+def reconstruct_positions(
+    model: CDVAE, batch: Any, langevin: Langevin, generator: torch.Generator
+) -> Crystals:
+    """The decoder alone: each crystal of a PyG batch keeps its own atoms and cell (in the
+    canonical orientation the decoder trains on) and only the positions are sampled, from
+    uniform noise, conditioned on the encoder's mean. Set beside atoms placed at random in
+    the same cells, this says whether the score network learned geometry, whatever the
+    latent heads predict."""
+    _, mu, _ = model.encode(batch)
+    cell = params_to_matrix(matrix_to_params(batch.cell.to(mu.dtype)))
+    return _anneal(model, mu, batch.z, cell, batch.natoms, langevin, generator, update_types=False)
