@@ -73,7 +73,7 @@ def test_validation_split_is_dealt_to_workers_once_each(data_root: Path, tmp_pat
     none dropped (an equal split would drop rows to even the shards out)."""
     import ray.data
 
-    from matsci_ray.train.trainer import ShardedValidation
+    from matsci_ray.train.entry import ShardedValidation
 
     ids = [f"s{i}" for i in range(11)]  # odd: an equal split of 2 would drop one
     val = ray.data.from_items([{"id": i} for i in ids]).repartition(4).materialize()
@@ -103,6 +103,54 @@ def test_max_val_samples_validates_on_a_fixed_sample(data_root: Path, tmp_path: 
     val = trainer.datasets["val:materials-project"]
     first, again = (sorted(r["sample_id"] for r in val.iter_rows()) for _ in range(2))
     assert len(first) == 5 and first == again
+
+
+# What a fresh controller process imports to unpickle what the driver sends it.
+CONTROLLER_SIDE = """
+import sys
+import ray
+import ray._private.ray_constants as constants
+from ray import cloudpickle
+constants.ENABLE_RAY_CLUSTER = False  # the session's Ray is on loopback (matsci_ray.ray_env)
+ray.init(address=sys.argv[1])  # the data sets' plans hold object refs
+cloudpickle.loads(sys.stdin.buffer.read())
+loop = ("matsci_ray.train.loop", "matsci_ray.potential", "matsci_ray.generative.train")
+print(sorted({"torch_geometric" if m.startswith("torch_geometric") else m for m in sys.modules
+              if m.startswith("torch_geometric") or m in loop
+              or m.startswith("matsci_ray.models.") and m != "matsci_ray.models.registry"}))
+"""
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_the_controller_imports_no_training_loop_and_no_pyg(
+    data_root: Path, tmp_path: Path
+) -> None:
+    """Ray Train's controller, a process of its own for every run, unpickles the run's
+    context (data config, loop config) and its data sets' plans (graphs built in the stream)
+    before it starts a worker: none of it may pull in the training loop, the models or PyG,
+    which the controller never runs and every run would wait for."""
+    import subprocess
+    import sys
+
+    import ray
+    from ray import cloudpickle
+
+    from matsci_ray.train.trainer import build_trainer
+
+    raw = _config(data_root, tmp_path).model_dump(mode="json")
+    raw["data"]["cache_graphs"] = "never"  # the streaming plans: RadiusGraphTransform in them
+    trainer = build_trainer(ExperimentConfig.model_validate(raw))
+    sent = cloudpickle.dumps(
+        (trainer.train_run_context, trainer.datasets, trainer.train_loop_per_worker)
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", CONTROLLER_SIDE, ray.get_runtime_context().gcs_address],
+        input=sent,
+        capture_output=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr.decode()[-3000:]
+    assert out.stdout.decode().strip() == "[]", out.stdout.decode()
 
 
 def _read_concurrently(splits: list) -> list[list[str]]:

@@ -36,6 +36,7 @@ from matsci_ray.tasks.registry import TASKS, metric_key
 from matsci_ray.train import loop, trainer
 from matsci_ray.train.batches import remaining_steps, train_batches
 from matsci_ray.train.checkpoint import check_resume
+from matsci_ray.train.entry import ShardedValidation, generative_loop_per_worker
 from matsci_ray.train.preflight import prepare_run
 from matsci_ray.train.resume import restore
 from matsci_ray.train.schedule import Schedule
@@ -81,7 +82,7 @@ def build_trainer(
     val = trainer.graph_dataset(config, task.dataset, config.data.val_split)
     size = min(splits["train"]["records"], limit or splits["train"]["records"])
     return TorchTrainer(
-        train_loop_per_worker,
+        generative_loop_per_worker,
         train_loop_config={
             "experiment": dump_config(config),
             "stats": normalisation_stats(config.data.root, task.dataset, task.target),
@@ -103,7 +104,7 @@ def build_trainer(
             callbacks=callbacks,
         ),
         datasets={f"train:{task.dataset}": train, f"val:{task.dataset}": val},
-        dataset_config=trainer.ShardedValidation(),
+        dataset_config=ShardedValidation(),
     )
 
 

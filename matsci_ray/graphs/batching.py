@@ -17,16 +17,18 @@ Flat 1-D rows keep the columns plain Arrow lists (or Ray's variable-shaped tenso
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
 import torch
-from torch_geometric.data import Batch
 
 from matsci_ray import keys as K
 from matsci_ray.data.mixing import _concat as concat_rows  # joins column slices, as mixing does
 from matsci_ray.graphs.neighbors import radius_graph_pbc
+
+if TYPE_CHECKING:  # PyG imports torch._dynamo: not in processes that only build graphs
+    from torch_geometric.data import Batch
 
 EDGE_INDEX = "edge_index"
 CELL_OFFSETS = "cell_offsets"
@@ -288,6 +290,8 @@ def rows_to_pyg_batch(
     way against 26 ms through 256 ``Data`` objects and ``Batch.from_data_list`` (same tensors,
     bit for bit; the Data route pays per-row tensor creation and PyG's per-key collation).
     """
+    from torch_geometric.data import Batch
+
     for name in (EDGE_INDEX, CELL_OFFSETS, NUM_EDGES):
         if name not in batch:
             raise ValueError(f"batch has no {name!r} column; apply RadiusGraphTransform first")

@@ -30,7 +30,7 @@ from matsci_ray.train.data_order import (
     EpochOrder,
     randomize_blocks_by_epoch,
 )
-from matsci_ray.train.loop import train_loop_per_worker
+from matsci_ray.train.entry import ShardedValidation, train_loop_per_worker
 from matsci_ray.train.preflight import PLACEMENT, prepare_run, worker_bundle
 
 GEOMETRY = [K.DATASET, K.SAMPLE_ID, K.ATOMIC_NUMBERS, K.POSITIONS, K.CELL, K.PBC, K.NATOMS]
@@ -226,43 +226,3 @@ def scaling_config(config: ExperimentConfig) -> ray.train.ScalingConfig:
         placement_strategy=PLACEMENT[config.run.placement],
         elastic_resize_monitor_interval_s=config.run.elastic_resize_interval_s,
     )
-
-
-class ShardedValidation(ray.train.DataConfig):
-    """Every ``train:`` data set split equally among the workers (DDP needs the same number
-    of steps on each, so Ray drops up to ``world - 1`` rows per epoch), every ``val:`` one
-    split unequally: each row is scored by exactly one worker, and a worker's shard may be
-    empty (``loop.validate`` all-reduces sums and counts). One worker reads every data set
-    whole, in its own process: a split of one would cost a coordinator actor per data set,
-    each a process to start per run."""
-
-    def configure(
-        self,
-        datasets: dict[str, ray.data.Dataset],
-        world_size: int,
-        worker_handles: Any,
-        worker_node_ids: Any,
-        **kwargs: Any,
-    ) -> list[dict[str, Any]]:
-        if world_size == 1:  # nothing to split: no SplitCoordinator actor per data set
-            return [{name: self._prepared(name, ds).iterator() for name, ds in datasets.items()}]
-        train = {k: v for k, v in datasets.items() if not k.startswith("val:")}
-        shards = super().configure(train, world_size, worker_handles, worker_node_ids, **kwargs)
-        hints = worker_node_ids if self._enable_shard_locality else None
-        for name, ds in datasets.items():
-            if name in train:
-                continue
-            splits = self._prepared(name, ds).streaming_split(
-                world_size, equal=False, locality_hints=hints
-            )
-            for shard, split in zip(shards, splits, strict=True):
-                shard[name] = split
-        return shards
-
-    def _prepared(self, name: str, ds: ray.data.Dataset) -> ray.data.Dataset:
-        """A copy named ``name`` with Ray's own per-data-set options, as Ray's
-        ``DataConfig.configure`` prepares each data set."""
-        ds = ds.copy(ds)
-        ds.set_name(name)
-        ds.context.execution_options = self._resolve_execution_options(name)
-        return ds
