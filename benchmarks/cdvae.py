@@ -11,7 +11,9 @@ val and test, and the default budget here is minutes on a shared CPU, so the mod
 measure the pipeline and its direction, not CDVAE's ceiling. Beside them the latent heads
 are scored alone (``predictors``: atom count, lattice against the training mean, exact
 composition, and the atom counts of prior draws; :mod:`matsci_ray.generative.diagnostics`),
-so a failed match says which part failed.
+the decoder alone places each test crystal's own atoms in its own cell (``decoder_only``,
+beside the random baseline), and its coordinate loss is given per noise level against a
+zero output (``denoising``), so a failed match says which part failed.
 
 Run ``python benchmarks/cdvae.py`` (defaults: both data sets, 400 training crystals, 6
 epochs, 60 test crystals, 60 samples, 4 Langevin steps per level, seed 0); ``--quick``
@@ -98,7 +100,11 @@ def evaluate(name: str, config: Any, checkpoint: Path, args: argparse.Namespace)
 
     from matsci_ray.generative import checkpoint as ckpt
     from matsci_ray.generative.data import crystals, crystals_of, graph_batches
-    from matsci_ray.generative.diagnostics import predictor_scores, prior_natoms_seen
+    from matsci_ray.generative.diagnostics import (
+        denoising_by_level,
+        predictor_scores,
+        prior_natoms_seen,
+    )
     from matsci_ray.generative.metrics import (
         generation_metrics,
         match,
@@ -135,6 +141,9 @@ def evaluate(name: str, config: Any, checkpoint: Path, args: argparse.Namespace)
             **predictor_scores(model, test),
             "prior_natoms_seen": prior_natoms_seen(model, seen),
         },
+        "denoising": denoising_by_level(
+            model, graph_batches(config.data.root, dataset, "test", 6.0, 32, args.eval)
+        ),
         "model": {**match(predicted, reference), **generation_metrics(generated, reference)},
         "decoder_only": match(Crystals.concat(placed), reference),
         "baseline": {

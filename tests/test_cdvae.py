@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import Tensor
 
 from matsci_ray.cli.main import main
 from matsci_ray.errors import ConfigError
 from matsci_ray.generative.data import crystals, crystals_of, graph_batches, normalisation_stats
+from matsci_ray.generative.lattice import min_image, to_fractional
 from matsci_ray.generative.metrics import (
     composition_valid,
     coverage,
@@ -296,3 +298,44 @@ def test_same_compositions_ignores_atom_order() -> None:
     predicted = torch.tensor([8, 8, 22, 1, 1])
     true = torch.tensor([22, 8, 8, 1, 6])
     assert same_compositions(predicted, true, torch.tensor([3, 2])) == 1
+
+
+class _ExactDecoder(torch.nn.Module):
+    """A score network that knows the true positions of one batch: it outputs exactly the
+    denoising target (true - noisy, minimum image, over sigma) and no type preference."""
+
+    def __init__(self, batch: object) -> None:
+        super().__init__()
+        self.frac = to_fractional(batch.pos, batch.cell, batch.batch)  # type: ignore[attr-defined]
+
+    def forward(
+        self, z: Tensor, types: Tensor, pos: Tensor, cell: Tensor, index: Tensor, log_sigma: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        noisy = to_fractional(pos, cell, index)
+        target = min_image(self.frac - noisy, cell, index) / log_sigma.exp().unsqueeze(-1)
+        return target, torch.zeros(len(pos), 100)
+
+
+class _ZeroDecoder(torch.nn.Module):
+    def forward(
+        self, z: Tensor, types: Tensor, pos: Tensor, cell: Tensor, index: Tensor, log_sigma: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        return torch.zeros_like(pos), torch.zeros(len(pos), 100)
+
+
+def test_denoising_by_level_on_known_decoders(perov: Path) -> None:
+    """A decoder that outputs zero scores ratio 1 at every level; one that outputs the exact
+    target scores 0; levels come largest first."""
+    from matsci_ray.generative.diagnostics import denoising_by_level
+
+    model = tiny_model(perov).eval()
+    batch = next(graph_batches(perov, "perov-5", "test", 6.0, 12))
+    model.decoder = _ZeroDecoder()
+    zero = denoising_by_level(model, [batch])
+    assert len(zero) == len(model.sigmas) and zero[0]["sigma"] > zero[-1]["sigma"]
+    assert all(row["ratio"] == pytest.approx(1.0) for row in zero)
+    assert all(row["loss"] > 0 for row in zero)
+    model.decoder = _ExactDecoder(batch)
+    exact = denoising_by_level(model, [batch])
+    assert all(row["ratio"] < 1e-4 for row in exact), exact
+    assert [r["zero_output_loss"] for r in exact] == [r["zero_output_loss"] for r in zero]

@@ -58,30 +58,36 @@ def predictor_losses(model: CDVAE, z: Tensor, batch: Any, target: str | None) ->
     return losses
 
 
-def denoising_losses(model: CDVAE, z: Tensor, batch: Any) -> dict[str, Tensor]:
-    """Noise every crystal at a random level (positions in Å, types on one-hot vectors) in
-    its canonical cell; the decoder is scored on the way back (``(true - noisy) / sigma``,
-    unit scale at every level) and on the true types."""
-    index, graphs = batch.batch, batch.num_graphs
-    level = torch.randint(len(model.sigmas), (graphs,), device=z.device)
+def noised_positions(
+    model: CDVAE, batch: Any, level: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Each crystal's positions noised at its ``level`` (an index into ``model.sigmas``), in
+    its canonical cell: ``(noisy Cartesian positions (N, 3), canonical cells (B, 3, 3), the
+    decoder's target (true - noisy, minimum image) / sigma (N, 3), sigma (N, 1))``."""
+    index = batch.batch
     sigma = model.sigmas[level][index].unsqueeze(-1)
-    type_sigma = model.type_sigmas[level][index].unsqueeze(-1)
     cell = params_to_matrix(matrix_to_params(batch.cell))  # canonical: c along z
     frac = to_fractional(batch.pos, batch.cell, index)
     noisy_cart = to_cartesian(frac, cell, index) + torch.randn_like(batch.pos) * sigma
     noisy = wrap(to_fractional(noisy_cart, cell, index))
     target = min_image(frac - noisy, cell, index) / sigma
+    return to_cartesian(noisy, cell, index), cell, target, sigma
+
+
+def denoising_losses(model: CDVAE, z: Tensor, batch: Any) -> dict[str, Tensor]:
+    """Noise every crystal at a random level (positions in Å, types on one-hot vectors) in
+    its canonical cell; the decoder is scored on the way back (``(true - noisy) / sigma``,
+    unit scale at every level) and on the true types."""
+    index = batch.batch
+    level = torch.randint(len(model.sigmas), (batch.num_graphs,), device=z.device)
+    noisy, cell, target, sigma = noised_positions(model, batch, level)
+    type_sigma = model.type_sigmas[level][index].unsqueeze(-1)
     classes = type_classes(batch.z)
     one_hot = F.one_hot(classes, NUM_TYPES).to(z.dtype)
     probs = (one_hot + torch.randn_like(one_hot) * type_sigma).abs()
     noisy_types = torch.multinomial(probs, 1).squeeze(-1) + 1
     coords, logits = model.decoder(
-        z[index],
-        noisy_types,
-        to_cartesian(noisy, cell, index),
-        cell,
-        index,
-        sigma.log().squeeze(-1),
+        z[index], noisy_types, noisy, cell, index, sigma.log().squeeze(-1)
     )
     return {
         "coord": (coords - target).pow(2).sum(-1).mean(),
