@@ -1,12 +1,13 @@
-"""What Ray Train's controller unpickles from a trainer: the workers' entry points and the
-data config, in a module that imports neither PyG nor the models.
+"""What Ray Train's controller unpickles from a trainer, in a module that imports neither PyG
+nor the models: the data config, and the workers' entry points.
 
 The controller is an actor in a process of its own, started for every run (and every Tune
-trial); it unpickles the trainer's function and data config, importing the modules they
-name, before it starts any worker. Named from the training loop's module, that import would
-be the loop's (PyG, which imports ``torch._dynamo``, and every encoder): the controller never
-calls them, and each run would wait for them. Here the loops are imported in the workers,
-which run them.
+trial); before it starts any worker it unpickles the run's context (the data config among it)
+and the data sets' plans, importing every module they name. Named from the trainer's or the
+training loop's module, that import was the loop's (PyG, which imports ``torch._dynamo``, and
+every encoder), which the controller never runs and each run waited for. The loops are
+imported inside the entry points, so only the workers that run them pay for them
+(``tests/test_sharded_validation.py`` checks what the controller's side imports).
 """
 
 from __future__ import annotations
