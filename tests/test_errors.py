@@ -167,3 +167,32 @@ def test_an_address_where_nothing_listens_is_one_line_at_once(
         assert time.monotonic() - start < 30
     [line] = capsys.readouterr().err.strip().splitlines()
     assert address in line and "nothing answers" in line
+
+
+def test_weights_of_another_model_version_are_one_line(tmp_path: Path) -> None:
+    """A checkpoint whose weights no longer fit the model its config builds (a release that
+    changed an architecture): one line naming the checkpoint and a mismatched key, not
+    torch's list of every key (a CheckpointError: exit 2 at the console)."""
+    from matsci_ray.config import ExperimentConfig
+    from matsci_ray.potential import MatSciModel
+    from matsci_ray.train.checkpoint import FILENAME, load_model, save_checkpoint
+    from tests.samples import TINY_EGNN
+
+    config = ExperimentConfig.model_validate(
+        {
+            "name": "old",
+            "tasks": ["mp-band-gap"],
+            "data": {"root": str(tmp_path / "data")},
+            "model": {"name": "egnn", "params": TINY_EGNN, "head_hidden": 16},
+        }
+    )
+    (tmp_path / "ckpt").mkdir()
+    path = save_checkpoint(tmp_path / "ckpt", MatSciModel.from_config(config), config, epoch=1)
+    file = path / FILENAME if path.is_dir() else path
+    state = torch.load(file, weights_only=True)
+    state["model"] = {f"old_{k}" if "embedding" in k else k: v for k, v in state["model"].items()}
+    torch.save(state, file)
+    with pytest.raises(errors.CheckpointError) as raised:
+        load_model(path)
+    (line,) = str(raised.value).splitlines()
+    assert str(path) in line and "do not fit this model" in line and "encoder.embedding" in line

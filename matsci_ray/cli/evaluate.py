@@ -28,12 +28,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from matsci_ray.ray_env import init_ray
-    from matsci_ray.train.evaluate import evaluate_checkpoint, metric_table
+    from matsci_ray.train.checkpoint import load_model
+    from matsci_ray.train.evaluate import evaluate_model, metric_table
 
+    model, config, _ = load_model(args.checkpoint)  # a bad checkpoint fails before Ray starts
     init_ray(args.address, num_cpus=args.num_cpus)
     if not (args.verbose or args.debug):
         _quiet_ray_data_console()
-    metrics = evaluate_checkpoint(args.checkpoint, args.split, args.data_root)
+    metrics = evaluate_model(model, config, args.split, args.data_root)
     print(
         json.dumps(metrics, indent=1, sort_keys=True)
         if args.json

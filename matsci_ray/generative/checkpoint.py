@@ -12,7 +12,7 @@ from matsci_ray.config import ExperimentConfig
 from matsci_ray.errors import CheckpointError
 from matsci_ray.generative.model import CDVAE
 from matsci_ray.models import build_encoder
-from matsci_ray.train.checkpoint import read_checkpoint, save_checkpoint
+from matsci_ray.train.checkpoint import load_weights, read_checkpoint, save_checkpoint
 
 FAMILY = "generative"
 
@@ -49,6 +49,6 @@ def load(path: Path | str, verb: str) -> tuple[CDVAE, ExperimentConfig, dict[str
     state = read(path, verb)
     config = ExperimentConfig.model_validate(json.loads(state["config"]))
     model = build(config)
-    model.load_state_dict(state["model"])
+    load_weights(model, state["model"], path)
     model.eval()
     return model, config, json.loads(state["metrics"])

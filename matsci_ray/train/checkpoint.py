@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from matsci_ray import __version__
 from matsci_ray.config import ExperimentConfig, dump_config
@@ -126,17 +127,37 @@ def load_model(path: Location | str) -> tuple[MatSciModel, ExperimentConfig, dic
         )
     config = ExperimentConfig.model_validate(json.loads(state["config"]))
     model = MatSciModel.from_config(config)
-    model.load_state_dict(state["model"])
+    load_weights(model, state["model"], path)
     model.eval()
     return model, config, json.loads(state["metrics"])
 
 
+def load_weights(model: nn.Module, weights: dict[str, Any], where: object) -> None:
+    """``model.load_state_dict(weights)``; weights of another architecture (another config,
+    or a release that changed the model) are one :class:`CheckpointError` naming ``where``,
+    not torch's list of every mismatched key."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:
+        lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0] if lines else type(error).__name__
+        detail = detail.rstrip(". ")
+        raise CheckpointError(
+            f"{where}: its weights do not fit this model ({detail[:200]}); it was written "
+            "for another model config or by another matsci-ray version"
+        ) from None
+
+
 def load_training_state(
-    state: dict[str, Any], model: MatSciModel, optimizer: torch.optim.Optimizer, scheduler: Any
+    state: dict[str, Any],
+    model: MatSciModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    where: object = "checkpoint",
 ) -> tuple[int, float | None, int]:
-    """Restore ``state`` (:func:`read_checkpoint`) in place; returns ``(next epoch, best
-    score, epochs without gain)``."""
-    model.load_state_dict(state["model"])
+    """Restore ``state`` (:func:`read_checkpoint` of ``where``) in place; returns ``(next
+    epoch, best score, epochs without gain)``."""
+    load_weights(model, state["model"], where)
     if state["optimizer"] is not None:
         optimizer.load_state_dict(state["optimizer"])
     if state["scheduler"] is not None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 
+from matsci_ray.config import ExperimentConfig
+from matsci_ray.potential import MatSciModel
 from matsci_ray.storage import Location, location, resolve
 from matsci_ray.tasks.registry import TASKS
 from matsci_ray.train.checkpoint import load_model
@@ -16,6 +18,17 @@ def evaluate_checkpoint(
 ) -> dict[str, float]:
     """Metrics of every task of ``checkpoint`` on ``split`` (needs a running Ray)."""
     model, config, _ = load_model(checkpoint)
+    return evaluate_model(model, config, split, data_root)
+
+
+def evaluate_model(
+    model: MatSciModel,
+    config: ExperimentConfig,
+    split: str = "test",
+    data_root: Location | str | None = None,
+) -> dict[str, float]:
+    """Metrics of every task of a loaded ``model`` on ``split`` of its ``config``'s data
+    (needs a running Ray)."""
     if data_root is not None:
         config.data.root = resolve(location(data_root))
     rows = itertools.chain.from_iterable(

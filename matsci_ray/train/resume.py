@@ -41,7 +41,11 @@ def restore(state: TrainState, loop_config: dict[str, Any]) -> dict[str, Any] | 
             candidates.append(location(resume))
         states = [read_checkpoint(path) for path in candidates]  # each read once
         latest = max(range(len(states)), key=lambda i: int(states[i]["epoch"]))  # Ray's on a tie
-        restored = load_training_state(states[latest], state.core, state.optimizer, state.scheduler)
+        ray_own = checkpoint is not None and latest == 0  # candidates[0] is Ray's when given
+        where = _own_run(state.config) if ray_own else candidates[latest]
+        restored = load_training_state(
+            states[latest], state.core, state.optimizer, state.scheduler, where
+        )
     ema = states[latest].get("ema")
     if ema is not None:  # its model is the average: training goes on from the raw weights
         state.core.load_state_dict(ema["raw_model"])
@@ -50,6 +54,15 @@ def restore(state: TrainState, loop_config: dict[str, Any]) -> dict[str, Any] | 
         resumed = resume is not None and candidates[latest] == location(resume)
         _settle_history(state.config, location(resume) if resumed else None, state.epoch)
     return states[latest]
+
+
+def _own_run(config: ExperimentConfig) -> str:
+    """How to name the checkpoint Ray Train hands a run: its own latest, which a new run
+    of the same name in the same storage also continues from."""
+    return (
+        f"{config.run.storage}/{config.name} (this run's latest checkpoint: a run of the same "
+        "name and storage continues from it; name the run anew to start afresh)"
+    )
 
 
 def _settle_history(config: ExperimentConfig, resumed: Location | None, epoch: int) -> None:
