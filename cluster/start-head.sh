@@ -63,6 +63,10 @@ fi
 
 setup_auth head
 keep_workers_alive
+# Ray Train's placement-group cleaner asks the State API whether a trainer died; left to find
+# it, it finds every Ray on the machine and gives up when there are two (a second cluster, a
+# local session), and a stopped Tune trial's CPUs are never freed. Name this head's.
+export RAY_API_SERVER_ADDRESS="http://127.0.0.1:${dashboard_port}"
 gcs_port="${MATSCI_RAY_PORT:-6379}"
 args=(--head --port "$gcs_port" --dashboard-host "$dashboard_host"
     --dashboard-port "$dashboard_port" --ray-client-server-port "${MATSCI_RAY_CLIENT_PORT:-10001}")

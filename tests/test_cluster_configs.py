@@ -450,7 +450,12 @@ class Started:
         return {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("--")}
 
 
-_RECORDED = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_num_workers_soft_limit")
+_RECORDED = (
+    "RAY_AUTH_MODE",
+    "RAY_AUTH_TOKEN_PATH",
+    "RAY_num_workers_soft_limit",
+    "RAY_API_SERVER_ADDRESS",
+)
 
 
 def _run_script(
@@ -542,6 +547,13 @@ def test_start_scripts_take_every_port_from_the_environment(tmp_path: Path) -> N
     defaults = _start(tmp_path, CLUSTER / "start-head.sh").flags
     assert defaults["--ray-client-server-port"] == "10001"
     assert defaults["--dashboard-port"] == "8265"
+
+
+def test_start_head_names_its_own_state_api(tmp_path: Path) -> None:
+    """Every process of the head asks this head's State API (Ray Train's placement-group
+    cleaner does), not whichever Ray it would find first on a machine running two."""
+    head = _start(tmp_path, CLUSTER / "start-head.sh", MATSCI_RAY_DASHBOARD_PORT="18265")
+    assert head.env["RAY_API_SERVER_ADDRESS"] == "http://127.0.0.1:18265"
 
 
 def test_start_worker_joins_the_head_with_the_token(tmp_path: Path) -> None:

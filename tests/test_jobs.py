@@ -56,6 +56,9 @@ class Head:
             "RAY_DATA_USE_DATASOURCE_V2": "0",
             "RAY_num_workers_soft_limit": "16",  # as cluster/start-head.sh sets it
             "RAY_metrics_report_interval_ms": "1000",  # export within a short test run
+            # as init_ray and cluster/start-head.sh do: the State API of this cluster, not of
+            # another one on the machine (the session's own Ray under pytest-xdist)
+            "RAY_API_SERVER_ADDRESS": self.dashboard,
         }
         self.env.pop("RAY_ADDRESS", None)
         args = [
