@@ -13,6 +13,8 @@ import ray._private.ray_constants as ray_constants
 
 from matsci_ray.errors import ClusterError
 
+DASHBOARD_PORT_VARIABLE = "MATSCI_RAY_DASHBOARD_PORT"
+
 
 def init_ray(
     address: str | None = None,
@@ -122,8 +124,14 @@ def _state_api_of_this_cluster() -> dict[str, object]:
     and finds the API by looking for a Ray on the machine; with two local clusters (a second
     user, a test run beside another) it finds both, gives up, and a stopped Tune trial's CPUs
     are never freed: the next trial waits for ever. ``RAY_API_SERVER_ADDRESS``, which the
-    State API reads first, names this cluster's."""
-    port = _free_port(ray_constants.DEFAULT_DASHBOARD_PORT)
+    State API reads first, names this cluster's.
+
+    ``MATSCI_RAY_DASHBOARD_PORT`` (as for cluster/start-head.sh) fixes the port; otherwise
+    Ray's usual one when free, else any free one."""
+    fixed = os.environ.get(DASHBOARD_PORT_VARIABLE, "")
+    if fixed and not fixed.isdigit():
+        raise ClusterError(f"{DASHBOARD_PORT_VARIABLE}={fixed!r} is not a port number")
+    port = int(fixed) if fixed else free_port(ray_constants.DEFAULT_DASHBOARD_PORT)
     api = ray_constants.RAY_API_SERVER_ADDRESS_ENVIRONMENT_VARIABLE
     return {
         "dashboard_port": port,
@@ -131,7 +139,7 @@ def _state_api_of_this_cluster() -> dict[str, object]:
     }
 
 
-def _free_port(preferred: int) -> int:
+def free_port(preferred: int) -> int:
     """``preferred`` (Ray's usual dashboard port) when it is free on loopback, else any."""
     for port in (preferred, 0):
         with socket.socket() as probe:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,19 +23,40 @@ LOCAL_RAY: dict[str, Path] = {}  # the session's local Ray temp dir, for a pause
 
 
 def start_local_ray(temp: Path) -> None:
-    from matsci_ray.ray_env import init_ray
+    """Under pytest-xdist each worker starts its own Ray at once: a dashboard port of its own
+    (a free one the kernel picks, not Ray's usual one, which both would find free)."""
+    from matsci_ray.ray_env import DASHBOARD_PORT_VARIABLE, free_port, init_ray
 
     LOCAL_RAY["temp"] = temp
-    init_ray(num_cpus=2, temp_dir=temp)
+    before = os.environ.get(DASHBOARD_PORT_VARIABLE)
+    if os.environ.get("PYTEST_XDIST_WORKER") and before is None:
+        os.environ[DASHBOARD_PORT_VARIABLE] = str(free_port(0))
+    try:
+        init_ray(num_cpus=2, temp_dir=temp)
+    finally:  # only this Ray: a CLI run that a test starts picks its own
+        if before is None:
+            os.environ.pop(DASHBOARD_PORT_VARIABLE, None)
+
+
+@contextmanager
+def ray_temp_dir() -> Iterator[Path]:
+    """A Ray temp dir with a short path: Ray's socket paths under it must fit AF_UNIX's 107
+    bytes, which pytest's own temp dirs (longer under pytest-xdist) overrun."""
+    temp = Path(tempfile.mkdtemp(prefix="mr", dir="/tmp"))
+    try:
+        yield temp
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
-def ray_local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+def ray_local() -> Iterator[None]:
     import ray
 
-    start_local_ray(tmp_path_factory.mktemp("ray"))
-    yield
-    ray.shutdown()
+    with ray_temp_dir() as temp:
+        start_local_ray(temp)
+        yield
+        ray.shutdown()
 
 
 @contextmanager

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from matsci_ray.cli.main import main
-from tests.conftest import no_local_ray
+from tests.conftest import no_local_ray, ray_temp_dir
 from tests.samples import TINY_EGNN
 
 moto_server = pytest.importorskip("moto.server", reason="pip install 'moto[server]'")
@@ -149,15 +149,15 @@ def test_locations_parse_and_join() -> None:
 
 
 @pytest.fixture(scope="module")
-def ray_s3(s3_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+def ray_s3(s3_env: dict[str, str]) -> Iterator[None]:
     """A local Ray started with the S3 environment (its workers inherit it), the session's
     own Ray paused meanwhile."""
     import ray
 
     from matsci_ray.ray_env import init_ray
 
-    with no_local_ray():
-        init_ray(num_cpus=2, temp_dir=tmp_path_factory.mktemp("ray-s3"))
+    with no_local_ray(), ray_temp_dir() as temp:
+        init_ray(num_cpus=2, temp_dir=temp)
         yield
         ray.shutdown()
 
