@@ -28,6 +28,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -81,6 +82,7 @@ def config_of(name: str, root: Path, storage: Path, args: argparse.Namespace) ->
                     "max_atoms": max_atoms,
                     "num_noise_levels": 20,
                     "beta": args.beta,
+                    "decoder_gain": args.decoder_gain,
                 },
             },
             "optim": {"lr": 1e-3, "epochs": args.epochs, "scheduler": "cosine"},
@@ -173,6 +175,8 @@ def run_one(name: str, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     )
     storage = ROOT / "runs" / "benchmarks" / "cdvae"
     config = config_of(name, root, storage, args)
+    # Ray Train continues a run directory of the same name: every benchmark run trains afresh
+    shutil.rmtree(storage / config.name, ignore_errors=True)
     start = time.monotonic()
     result = build_trainer(config).fit()
     if result.error is not None:
@@ -203,6 +207,7 @@ def run_one(name: str, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
             "steps_per_level": args.steps_per_level,
             "noise_levels": 20,
             "beta": args.beta,
+            "decoder_gain": args.decoder_gain,
         },
     }
 
@@ -218,6 +223,12 @@ def main() -> None:
     parser.add_argument("--step-lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--beta", type=float, default=0.01, help="KL weight (CDVAE's 0.01)")
+    parser.add_argument(
+        "--decoder-gain",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the decoder's sigma_ref / sigma read-out gain (--no-decoder-gain: without)",
+    )
     parser.add_argument("--quick", action="store_true", help="half of every budget")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cdvae.json")
     args = parser.parse_args()

@@ -8,6 +8,14 @@ equivariant vector read-out: a learned weight per edge times the edge's unit vec
 over the neighbours. The noise level enters as ``log sigma`` beside ``z`` in each atom's input
 (GemNet-dT in CDVAE saw only ``z``; a small network denoises better when told the scale).
 
+The read-out is multiplied by ``sigma_ref / sigma``: the target is ``(true - noisy) / sigma``,
+while a displaced atom's edge vectors move by the displacement itself (Å), so the gain from
+geometry to target grows as ``1 / sigma``; left to per-edge weights computed from
+``log sigma``, a gain over three decades of noise was learned poorly (benchmarks/README.md,
+CDVAE: the decoder scored alone, with and without it). Given it, the weights stay of order
+one at every level; ``sigma_ref``, the levels' geometric mean, keeps mid-range levels at unit
+scale. The read-out starts at zero, so training starts from a zero score's loss.
+
 The periodic radius graph of the noisy structure is rebuilt on every call, by vesin through
 :func:`~matsci_ray.graphs.neighbors.radius_graph_pbc`, on the CPU: positions are inputs here,
 never differentiated.
@@ -53,12 +61,29 @@ def periodic_graph(
 
 
 class ScoreDecoder(nn.Module):
-    """``(coordinate output (N, 3), type logits (N, NUM_TYPES))`` of a noisy batch."""
+    """``(coordinate output (N, 3), type logits (N, NUM_TYPES))`` of a noisy batch.
+
+    Args:
+        hidden_dim, num_layers: width and depth of the EGNN layers.
+        latent_dim: size of the latent ``z`` each atom is given.
+        cutoff, max_neighbors: the radius graph rebuilt on each noisy crystal.
+        sigma_ref: Å, the read-out gain's reference (the gain is ``sigma_ref / sigma``);
+            ``None``: no gain.
+    """
 
     def __init__(
-        self, hidden_dim: int, num_layers: int, latent_dim: int, cutoff: float, max_neighbors: int
+        self,
+        hidden_dim: int,
+        num_layers: int,
+        latent_dim: int,
+        cutoff: float,
+        max_neighbors: int,
+        sigma_ref: float | None,
     ) -> None:
         super().__init__()
+        # a buffer: saved with the weights, so a checkpoint without it fails to load
+        log_ref = None if sigma_ref is None else torch.tensor(float(np.log(sigma_ref)))
+        self.register_buffer("log_sigma_ref", log_ref)
         self.cutoff = float(cutoff)
         self.max_neighbors = max_neighbors
         self.embedding = AtomEmbedding(hidden_dim)
@@ -71,9 +96,19 @@ class ScoreDecoder(nn.Module):
         )
         self.edge_weight = mlp([2 * hidden_dim + NUM_RBF, hidden_dim, 1])
         self.type_head = mlp([hidden_dim, hidden_dim, NUM_TYPES])
+        self._zero_read_out()
 
     def reset_parameters(self) -> None:
         reset_children(self)
+        self._zero_read_out()
+
+    def _zero_read_out(self) -> None:
+        """Start from a zero coordinate output (the loss of a zero score at every level):
+        random weights times the gain (up to ``sigma_ref / sigma_end``) would start the
+        smallest levels' loss far above it."""
+        last = self.edge_weight[-1]
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
 
     def forward(
         self,
@@ -98,4 +133,6 @@ class ScoreDecoder(nn.Module):
         weight = self.edge_weight(torch.cat([h[dst], h[src], rbf], dim=-1)) * env.unsqueeze(-1)
         # an equivariant sum of unit edge vectors (i -> image of j), weighted invariantly
         coords = scatter(weight * vec / dist.unsqueeze(-1), dst, 0, dim_size=h.shape[0])
+        if self.log_sigma_ref is not None:
+            coords = coords * (self.log_sigma_ref - log_sigma).exp().unsqueeze(-1)
         return coords, self.type_head(h)

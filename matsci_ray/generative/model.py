@@ -50,6 +50,8 @@ class CDVAE(Encoder):
         num_noise_levels, sigma_begin, sigma_end: coordinate noise levels (Å), geometric.
         type_sigma_begin, type_sigma_end: atom-type noise levels (on one-hot vectors).
         beta: weight of the KL term.
+        decoder_gain: scale the decoder's coordinate read-out by ``sigma_ref / sigma``
+            (:mod:`~matsci_ray.generative.decoder`); off only to measure what it does.
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class CDVAE(Encoder):
         natoms_weight: float = 1.0,
         composition_weight: float = 1.0,
         property_weight: float = 1.0,
+        decoder_gain: bool = True,
     ) -> None:
         super().__init__()
         if not sigma_begin > sigma_end > 0 or not type_sigma_begin > type_sigma_end > 0:
@@ -99,7 +102,12 @@ class CDVAE(Encoder):
         self.composition_head = mlp([latent_dim, hidden_dim, NUM_TYPES])
         self.property_head = mlp([latent_dim, hidden_dim, 1])
         self.decoder = ScoreDecoder(
-            hidden_dim, num_layers, latent_dim, decoder_cutoff, max_neighbors
+            hidden_dim,
+            num_layers,
+            latent_dim,
+            decoder_cutoff,
+            max_neighbors,
+            sigma_ref=math.sqrt(sigma_begin * sigma_end) if decoder_gain else None,
         )
         self.register_buffer("sigmas", noise_levels(sigma_begin, sigma_end, num_noise_levels))
         self.register_buffer(
