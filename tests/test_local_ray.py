@@ -54,3 +54,21 @@ def test_joining_again_gives_the_running_dashboard_and_its_logs(ray_local: None)
     assert address is not None and address.startswith("127.0.0.1:")
     logs = session_logs()
     assert logs is not None and logs.is_dir() and any(logs.glob("raylet*"))
+
+
+def test_dashboard_port_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``MATSCI_RAY_DASHBOARD_PORT`` fixes a local Ray's dashboard port (pytest-xdist workers
+    each take one), and its workers are told that this is their cluster's State API; a value
+    that is no port is one line."""
+    from matsci_ray.errors import ClusterError
+    from matsci_ray.ray_env import DASHBOARD_PORT_VARIABLE, _state_api_of_this_cluster
+
+    monkeypatch.setenv(DASHBOARD_PORT_VARIABLE, "18765")
+    chosen = _state_api_of_this_cluster()
+    assert chosen["dashboard_port"] == 18765
+    assert chosen["runtime_env"] == {
+        "env_vars": {"RAY_API_SERVER_ADDRESS": "http://127.0.0.1:18765"}
+    }
+    monkeypatch.setenv(DASHBOARD_PORT_VARIABLE, "eighty")
+    with pytest.raises(ClusterError, match="MATSCI_RAY_DASHBOARD_PORT='eighty' is not a port"):
+        _state_api_of_this_cluster()
