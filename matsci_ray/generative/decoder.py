@@ -8,13 +8,13 @@ equivariant vector read-out: a learned weight per edge times the edge's unit vec
 over the neighbours. The noise level enters as ``log sigma`` beside ``z`` in each atom's input
 (GemNet-dT in CDVAE saw only ``z``; a small network denoises better when told the scale).
 
-The read-out is multiplied by ``sigma_ref / sigma``: the target is ``(true - noisy) / sigma``,
-while a displaced atom's edge vectors move by the displacement itself (Å), so the gain from
-geometry to target grows as ``1 / sigma``; left to per-edge weights computed from
-``log sigma``, a gain over three decades of noise was learned poorly (benchmarks/README.md,
-CDVAE: the decoder scored alone, with and without it). Given it, the weights stay of order
-one at every level; ``sigma_ref``, the levels' geometric mean, keeps mid-range levels at unit
-scale. The read-out starts at zero, so training starts from a zero score's loss.
+With ``sigma_ref`` given, the read-out is multiplied by ``sigma_ref / sigma``: the target is
+``(true - noisy) / sigma``, while a displaced atom's edge vectors move by the displacement
+itself (Å), so the gain from geometry to target grows as ``1 / sigma``, which per-edge
+weights computed from ``log sigma`` otherwise have to learn over three decades of noise;
+``sigma_ref``, the levels' geometric mean, keeps mid-range levels at unit scale. Whether it
+helps depends on the data (``CDVAE``'s ``decoder_gain``). The read-out starts at zero, so
+training starts from a zero score's loss.
 
 The periodic radius graph of the noisy structure is rebuilt on every call, by vesin through
 :func:`~matsci_ray.graphs.neighbors.radius_graph_pbc`, on the CPU: positions are inputs here,
