@@ -27,7 +27,7 @@ import tempfile
 import textwrap
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,11 +55,15 @@ class ClusterError(RuntimeError):
     """A node did not come up, or the cluster did not reach the state a test waits for."""
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on now (the OS's choice; a small race is accepted)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports nothing listens on now: the OS's choice, all held open
+    until every one is chosen, so no two are the same (a race with other processes is
+    accepted)."""
+    with ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
 
 
 def _base_env() -> dict[str, str]:
@@ -255,15 +259,16 @@ class LocalCluster:
         return node
 
     def _head_env(self) -> dict[str, str]:
-        self.gcs_port, self.dashboard_port = free_port(), free_port()
-        ports = {
-            "MATSCI_RAY_PORT": self.gcs_port,
-            "MATSCI_RAY_DASHBOARD_PORT": self.dashboard_port,
-            "MATSCI_RAY_CLIENT_PORT": free_port(),
-            "MATSCI_RAY_METRICS_PORT": free_port(),
-            "MATSCI_RAY_AGENT_PORT": free_port(),
-            "DASHBOARD_METRIC_PORT": free_port(),
-        }
+        names = (
+            "MATSCI_RAY_PORT",
+            "MATSCI_RAY_DASHBOARD_PORT",
+            "MATSCI_RAY_CLIENT_PORT",
+            "MATSCI_RAY_METRICS_PORT",
+            "MATSCI_RAY_AGENT_PORT",
+            "DASHBOARD_METRIC_PORT",
+        )
+        ports = dict(zip(names, free_ports(len(names)), strict=True))
+        self.gcs_port, self.dashboard_port = ports["MATSCI_RAY_PORT"], ports[names[1]]
         return {**self._node_env("head", ports, cpus=0), **_FAST_FAILURE_DETECTION}
 
     def start_head(self, timeout: float = 180.0) -> Node:
@@ -284,7 +289,8 @@ class LocalCluster:
             raise ValueError(f"node {name!r} exists")
 
         def env() -> dict[str, str]:
-            ports = {"MATSCI_RAY_METRICS_PORT": free_port(), "MATSCI_RAY_AGENT_PORT": free_port()}
+            names = ("MATSCI_RAY_METRICS_PORT", "MATSCI_RAY_AGENT_PORT")
+            ports = dict(zip(names, free_ports(len(names)), strict=True))
             return self._node_env(name, ports, num_cpus)
 
         script = [str(SCRIPTS / "start-worker.sh"), self.address]

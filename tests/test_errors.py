@@ -151,12 +151,11 @@ def test_an_address_where_nothing_listens_is_one_line_at_once(
 ) -> None:
     """``--address`` of a port with no Ray head: exit 2 with one line naming the address,
     within seconds (Ray's own join retries a silent address for many minutes)."""
-    import socket
     import time
 
-    with socket.socket() as sock:  # a port that was free a moment ago, nothing listening
-        sock.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{sock.getsockname()[1]}"
+    from matsci_ray.ray_env import free_port
+
+    address = f"127.0.0.1:{free_port(0)}"  # free a moment ago: nothing listens there
     from tests.conftest import no_local_ray
 
     docs = samples / "materials_project" / "summary_docs.jsonl"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import pytest
 import yaml
 
 from matsci_ray.train.telemetry import EXPORTED_METRICS
+from tests.cluster import free_ports
 from tests.conftest import no_local_ray
 from tests.samples import TINY_EGNN, ingest_in_process
 
@@ -32,20 +32,10 @@ REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 
 
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 class Head:
     def __init__(self, temp: Path) -> None:
         self.temp = temp
-        gcs, dash, metrics, client, agent, grpc, env_agent = _free_ports(7)
+        gcs, dash, metrics, client, agent, grpc, env_agent = free_ports(7)
         self.dashboard = f"http://127.0.0.1:{dash}"
         self.metrics = f"http://127.0.0.1:{metrics}/metrics"
         self.env = {

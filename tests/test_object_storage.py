@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 import yaml
 
 from matsci_ray.cli.main import main
+from matsci_ray.ray_env import free_port
 from tests.conftest import no_local_ray, ray_temp_dir
 from tests.samples import TINY_EGNN
 
@@ -24,18 +24,12 @@ BUCKET = "matsci"
 MP_DOCS = ("materials_project", "summary_docs.jsonl")
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_env() -> Iterator[dict[str, str]]:
     """A moto S3 server with one bucket, and the environment that points at it (set for
     this module only)."""
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port())
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(0))
     server.start()
     host, port = server.get_host_and_port()
     env = {
@@ -98,7 +92,7 @@ def test_unreachable_endpoint_fails_fast(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # nothing there
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port(0)}")  # nothing there
     started = time.monotonic()
     code, err = _ingest_line(f"s3://{BUCKET}/data", samples, capsys)
     assert code == 2
