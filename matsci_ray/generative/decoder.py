@@ -23,6 +23,8 @@ never differentiated.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -82,7 +84,7 @@ class ScoreDecoder(nn.Module):
     ) -> None:
         super().__init__()
         # a buffer: saved with the weights, so a checkpoint without it fails to load
-        log_ref = None if sigma_ref is None else torch.tensor(float(np.log(sigma_ref)))
+        log_ref = None if sigma_ref is None else torch.tensor(math.log(sigma_ref))
         self.register_buffer("log_sigma_ref", log_ref)
         self.cutoff = float(cutoff)
         self.max_neighbors = max_neighbors
