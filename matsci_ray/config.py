@@ -295,6 +295,14 @@ class RunConfig(_Strict):
         "an autoscaler adding nodes) before it gives up; a request no node can ever hold "
         "fails at once",
     )
+    worker_start_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="how long Ray Train gives a group of workers to start before it decides "
+        "again from the resources free then (Ray's default 60 s). A restart right after a "
+        "node is lost can ask for that node's CPUs, still counted until the cluster marks it "
+        "dead, and waits this long before an elastic run goes on with fewer workers",
+    )
     seed: int = 42
     threads_per_worker: int | None = Field(None, gt=0, description="torch intra-op threads")
     precision: Literal["fp32", "bf16", "tf32"] = Field(

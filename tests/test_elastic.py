@@ -67,6 +67,9 @@ def _raw(root: Path, storage: Path, name: str, workers: object, **run: object) -
             "max_failures": 3,
             "placement": "spread",
             "elastic_resize_interval_s": 2.0,
+            # the first restart after a node loss waits this long for the lost node's CPUs
+            # (Ray's 60 s); workers start in seconds here, in tens on a loaded machine
+            "worker_start_timeout_s": 30.0,
             **run,
         },
     }

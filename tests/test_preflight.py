@@ -8,6 +8,7 @@ first attempt, whatever ``run.max_failures`` says.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -241,6 +242,23 @@ def test_inside_a_trial_capacity_counts_not_what_siblings_hold(
     finally:
         remove_placement_group(sibling)
         ray.kill(trial)
+
+
+def test_the_worker_start_timeout_is_handed_to_ray_trains_controller(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``run.worker_start_timeout_s`` goes into the driver's environment under the name Ray
+    Train reads, one of those it hands on to its controller (a renamed variable fails here)."""
+    from ray.train.v2._internal import constants
+
+    from matsci_ray.train.trainer import set_controller_env
+
+    name = constants.WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
+    monkeypatch.setenv(name, "60")  # restored after the test
+    set_controller_env(_config(tmp_path, run={"worker_start_timeout_s": 12.5}))
+    assert os.environ[name] == "12.5" and name in constants.ENV_VARS_TO_PROPAGATE
+    set_controller_env(_config(tmp_path))
+    assert os.environ[name] == "60"  # Ray's default, whatever an earlier run set
 
 
 # --- a user error raised in a worker is not retried ------------------------------------------

@@ -69,6 +69,7 @@ def build_trainer(
         check_resume(resume_from, config)
     callbacks = prepare_run(config, callbacks)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    trainer.set_controller_env(config)
     splits = trainer.manifest_splits(config)[task.dataset]
     if "train" not in splits:
         raise ConfigError(f"{config.data.root}/{task.dataset}: no train split")

@@ -32,6 +32,7 @@ RESUME_UNREMARKABLE = (
     "run.storage",
     "run.max_failures",
     "run.resource_timeout_s",
+    "run.worker_start_timeout_s",
     "run.fail_at_epoch",
     "run.fail_at_step",
     "run.hold_shrunk_while_file_exists",

@@ -169,9 +169,7 @@ def build_trainer(
         check_resume(resume_from, config)
     callbacks = prepare_run(config, callbacks)  # checks model, cluster; user errors not retried
     ray.data.DataContext.get_current().enable_progress_bars = False  # per-epoch log noise
-    # The controller polls workers this often, and each epoch's report waits for a poll
-    # (Ray's default of 2 s cost ~0.8 s per epoch here); the driver's value reaches it.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    set_controller_env(config)
     splits_by_name = manifest_splits(config)
     summaries = train_summaries(config, splits_by_name)
     datasets: dict[str, ray.data.Dataset] = {}
@@ -215,6 +213,16 @@ def build_trainer(
         datasets=datasets,
         dataset_config=ShardedValidation(),
     )
+
+
+def set_controller_env(config: ExperimentConfig) -> None:
+    """Ray Train settings it reads from the environment, set in the driver's: Ray Train V2
+    hands these variables on to its controller and workers."""
+    # The controller polls workers this often, and each epoch's report waits for a poll
+    # (Ray's default of 2 s cost ~0.8 s per epoch here).
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    timeout = config.run.worker_start_timeout_s
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = f"{timeout:g}"
 
 
 def scaling_config(config: ExperimentConfig) -> ray.train.ScalingConfig:
