@@ -66,33 +66,43 @@ def _join(address: str, log_to_driver: bool) -> str | None:
     Ray's traceback, when it cannot be reached or refuses this client."""
     from ray.exceptions import AuthenticationError
 
-    _probe(address)
+    if _is_host_port(address):
+        _probe(address)
+        _probe_token(address)
     try:
         return ray.init(address=address, log_to_driver=log_to_driver).dashboard_url or None
     except (ConnectionError, AuthenticationError, TimeoutError) as error:
-        # Something listens there (the probe passed); Ray's ConnectionError does not say that
-        # the GCS refused this client for its token, only its C++ log lines do.
-        said = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if os.environ.get("RAY_AUTH_MODE") == "token":
-            hint = "the cluster refused this client's token: is it the head's token file?"
-        else:
-            hint = (
-                "a cluster with token authentication (every cluster/ set-up) needs "
-                "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH=<the head's token file> "
-                "(cluster/README.md, Authentication)"
-            )
-        raise ClusterError(
-            f"cannot join the Ray cluster at {address}: something answers there, but {hint} "
-            f"({said})"
-        ) from None
+        raise _refused(address, error) from None
+
+
+def _refused(address: str, error: Exception) -> ClusterError:
+    """The error for a cluster that answers at ``address`` but refuses this client."""
+    # Ray's ConnectionError does not say that the GCS refused this client for its token,
+    # only its C++ log lines do.
+    said = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if os.environ.get("RAY_AUTH_MODE") == "token":
+        hint = "the cluster refused this client's token: is it the head's token file?"
+    else:
+        hint = (
+            "a cluster with token authentication (every cluster/ set-up) needs "
+            "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH=<the head's token file> "
+            "(cluster/README.md, Authentication)"
+        )
+    return ClusterError(
+        f"cannot join the Ray cluster at {address}: something answers there, but {hint} ({said})"
+    )
+
+
+def _is_host_port(address: str) -> bool:
+    """``host:port``, not "auto" or "ray://...", which Ray resolves itself."""
+    _, sep, port = address.rpartition(":")
+    return bool(sep) and port.isdigit() and "://" not in address
 
 
 def _probe(address: str, timeout_s: float = 5.0) -> None:
     """Fail at once when nothing listens at a ``host:port`` address: Ray's own join retries
     a silent address for many minutes before it gives up."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or "://" in address:
-        return  # "auto", "ray://...": Ray resolves these itself
+    host, _, port = address.rpartition(":")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
     except OSError as error:
@@ -100,6 +110,21 @@ def _probe(address: str, timeout_s: float = 5.0) -> None:
             f"cannot join the Ray cluster at {address}: nothing answers there ({error}); "
             "is a head running, and is the address host:port of its GCS?"
         ) from None
+
+
+def _probe_token(address: str) -> None:
+    """Fail at once when the GCS at ``address`` refuses this client's token: ``ray.init``
+    asks again every second for 20 s, a line of Ray's log each time, before it gives up.
+    Any other failure is left to ``ray.init``, which retries what may pass."""
+    from ray._raylet import GcsClient
+    from ray.exceptions import AuthenticationError
+
+    try:
+        GcsClient(address=address)  # asks the GCS for the cluster's ID, with the token
+    except AuthenticationError as error:
+        raise _refused(address, error) from None
+    except Exception:
+        return  # not this probe's to report
 
 
 def _worker_pool_config(cpus: int) -> dict[str, int]:

@@ -302,13 +302,19 @@ class LocalCluster:
         self.nodes.pop(name).kill()
 
     def run_client(
-        self, code: str, *, token: bool = True, timeout: float = 180.0
+        self,
+        code: str,
+        *,
+        token: bool = True,
+        timeout: float = 180.0,
+        env: Mapping[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """Run Python ``code`` in a fresh client process; ``ADDRESS`` holds the GCS address."""
+        """Run Python ``code`` in a fresh client process (``env`` added to its environment);
+        ``ADDRESS`` holds the GCS address."""
         program = f"ADDRESS = {self.address!r}\n{textwrap.dedent(code)}"
         return subprocess.run(
             [sys.executable, "-c", program],
-            env=self.client_env(token=token),
+            env={**self.client_env(token=token), **(env or {})},
             capture_output=True,
             text=True,
             timeout=timeout,

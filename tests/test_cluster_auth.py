@@ -18,6 +18,8 @@ pytestmark = pytest.mark.slow  # each test starts a Ray cluster of its own (~1 m
 
 RAY = str(Path(sys.executable).parent / "ray")
 REFUSED = "Authentication token is missing or incorrect"  # the GCS's answer to a client
+RAY_JOIN_TRIES = "RAY_gcs_server_port_wait_time_s"  # a joining client's tries, a second apart
+ASKED_AGAIN = "Failed to get cluster ID from GCS server"  # Ray's log line at each refused try
 
 
 def _submit(cluster: LocalCluster, env: dict[str, str], *entrypoint: str) -> tuple[int, str]:
@@ -52,7 +54,8 @@ def test_head_refuses_clients_and_jobs_without_the_token() -> None:
         assert code == 0 and "driver True" in out, out
 
         connect = "import ray\nray.init(address=ADDRESS)\nprint('CONNECTED')"
-        refused = cluster.run_client(connect, token=False)
+        # Ray asks a refusing GCS again every second for 20 s; 2 tries say the same here
+        refused = cluster.run_client(connect, token=False, env={RAY_JOIN_TRIES: "2"})
         assert refused.returncode != 0 and "CONNECTED" not in refused.stdout
         assert REFUSED in refused.stderr, refused.stderr[-3000:]
         accepted = cluster.run_client(connect)
@@ -67,9 +70,14 @@ def test_head_refuses_clients_and_jobs_without_the_token() -> None:
             except ClusterError as error:
                 print("REFUSED:", error)
             """
-        said = cluster.run_client(join, token=False).stdout
-        [line] = [x for x in said.splitlines() if x.startswith("REFUSED:")]
-        assert cluster.address in line and "RAY_AUTH_TOKEN_PATH" in line, said
+        joined = cluster.run_client(join, token=False)
+        [line] = [x for x in joined.stdout.splitlines() if x.startswith("REFUSED:")]
+        assert cluster.address in line and "RAY_AUTH_TOKEN_PATH" in line, joined.stdout
+        # refused at the first answer, not after Ray's 20 tries
+        assert joined.stderr.count(ASKED_AGAIN) <= 1, joined.stderr[-3000:]
+        wrong_token = cluster.run_client(join, env={"RAY_AUTH_TOKEN": "0" * 64})
+        [line] = [x for x in wrong_token.stdout.splitlines() if x.startswith("REFUSED:")]
+        assert "refused this client's token" in line, wrong_token.stdout
 
 
 def _worker_of_each_node(cluster: LocalCluster, names: list[str]) -> dict[str, int]:
