@@ -12,11 +12,9 @@ Needs the ``mace`` extra. See benchmarks/README.md, "e3nn's generated code".
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +25,6 @@ SIZES: dict[str, dict[str, Any]] = {
     "default": {},
 }
 SETTINGS = [(False, False), (False, True), (True, False), (True, True)]  # (script, einsums)
-
-
-@contextlib.contextmanager
-def codegen(script: bool, einsums: bool) -> Iterator[None]:
-    import e3nn
-
-    before = dict(e3nn.get_optimization_defaults())
-    e3nn.set_optimization_defaults(jit_script_fx=script, optimize_einsums=einsums)
-    try:
-        yield
-    finally:
-        e3nn.set_optimization_defaults(**before)
 
 
 def step_s(encoder: Any, optimiser: Any, batch: Any) -> float:
@@ -97,12 +83,12 @@ def main() -> None:
 
 def _build(mace: Any, params: dict[str, Any], setting: tuple[bool, bool]) -> Any:
     """The encoder with its layers generated under ``setting`` (not the module's own)."""
-    previous = mace._unscripted_e3nn
-    mace._unscripted_e3nn = lambda: codegen(*setting)
+    previous = mace.CODEGEN
+    mace.CODEGEN = {"script": setting[0], "einsums": setting[1]}
     try:
         return mace.MACE(**params)
     finally:
-        mace._unscripted_e3nn = previous
+        mace.CODEGEN = previous
 
 
 if __name__ == "__main__":

@@ -205,18 +205,21 @@ class MACE(Encoder):
         return EncoderOutput(node=node, graph=readout(node, index, num_graphs, self.readout))
 
 
-@contextlib.contextmanager
-def _unscripted_e3nn() -> Iterator[None]:
-    """e3nn's generated code built with its einsums reordered, but not TorchScript-compiled.
+# How e3nn generates MACE's code: einsums reordered, no TorchScript. By default e3nn also
+# scripts each generated module when it is built: that doubles the build time, repeated by
+# every ``reset_parameters`` and every Ray worker, prints TorchScript warnings, and trains no
+# faster than reordered einsums alone (benchmarks/README.md, "e3nn's generated code").
+# Reordering the einsums costs a fraction of that and makes a training step faster at the
+# default size; all settings compute the same values.
+CODEGEN = {"script": False, "einsums": True}
 
-    By default e3nn also scripts each generated module when it is constructed: it doubles the
-    build time, repeated by every ``reset_parameters`` and every Ray worker, prints TorchScript
-    warnings, and trains no faster than reordered einsums alone (``benchmarks/README.md``,
-    "e3nn's generated code"). Reordering the einsums costs a fraction of that and is what
-    makes a training step faster at the default size; both compute the same values.
-    """
+
+@contextlib.contextmanager
+def e3nn_codegen(script: bool, einsums: bool) -> Iterator[None]:
+    """e3nn's code generation while layers are built: ``script`` compiles each generated
+    module with TorchScript, ``einsums`` reorders its einsums (opt_einsum's path)."""
     before = dict(e3nn.get_optimization_defaults())
-    e3nn.set_optimization_defaults(jit_script_fx=False, optimize_einsums=True)
+    e3nn.set_optimization_defaults(jit_script_fx=script, optimize_einsums=einsums)
     try:
         yield
     finally:
@@ -234,7 +237,7 @@ def _device_with_data() -> contextlib.AbstractContextManager[Any]:
 def build_layers(settings: MACESettings) -> nn.ModuleDict:
     """The learnable part of MACE, wired as ``mace.modules.models.MACE.__init__`` wires it
     (residual interactions in every layer, scalar-only last layer), without its readouts."""
-    with _unscripted_e3nn(), _device_with_data():
+    with e3nn_codegen(**CODEGEN), _device_with_data():
         return nn.ModuleDict(
             {
                 "spherical_harmonics": o3.SphericalHarmonics(
