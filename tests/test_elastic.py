@@ -1,15 +1,17 @@
 """Elastic training on a real multi-node cluster (tests/cluster.py: a head with no CPUs plus
 nodes on 127.0.0.1): ``run.num_workers: [1, 2]`` spread over two nodes goes on with one
 worker when a node is SIGKILLed and grows back to two when a new node joins; a fixed-size
-run waits for a replacement node instead."""
+run waits for a replacement node instead. The tests share one head (a cluster takes tens of
+seconds to start on the loaded machine); each starts with two live nodes of its own."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -44,6 +46,34 @@ def data_root(samples: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("ingested")
     docs = samples / "materials_project" / "summary_docs.jsonl"
     return ingest_in_process("materials-project", docs, root)
+
+
+@pytest.fixture(scope="module")
+def cluster(data_root: Path) -> Iterator[LocalCluster]:
+    """The module's head, nodes added by each test (``data_root`` first: it needs no Ray)."""
+    with no_local_ray(), local_cluster() as running:
+        yield running
+
+
+_NODE_NUMBERS = itertools.count(1)
+
+
+def _add_node(cluster: LocalCluster) -> str:
+    """A new 2-CPU node, under a name never used before; its name."""
+    name = f"n{next(_NODE_NUMBERS)}"
+    cluster.add_node(name, num_cpus=2)
+    return name
+
+
+@pytest.fixture
+def two_nodes(cluster: LocalCluster) -> tuple[str, str]:
+    """Exactly two live nodes for the test, whatever an earlier test left; their names."""
+    for name in sorted(cluster.nodes)[2:]:
+        cluster.kill_node(name)
+    while len(cluster.nodes) < 2:
+        _add_node(cluster)
+    first, second = sorted(cluster.nodes)
+    return first, second
 
 
 def _raw(root: Path, storage: Path, name: str, workers: object, **run: object) -> dict:
@@ -136,46 +166,47 @@ def _kill_mid_epoch(cluster: LocalCluster, node: str, epoch_row: dict) -> None:
 
 
 @pytest.mark.timeout(1800)  # three runs on a 3-node cluster of one 2-core machine
-def test_elastic_run_shrinks_on_node_loss_and_grows_back(data_root: Path, tmp_path: Path) -> None:
-    """2 workers spread over nodes a and b (one 1.5-CPU worker fits a 2-CPU node); a is
+def test_elastic_run_shrinks_on_node_loss_and_grows_back(
+    data_root: Path, cluster: LocalCluster, two_nodes: tuple[str, str], tmp_path: Path
+) -> None:
+    """2 workers spread over the two nodes (one 1.5-CPU worker fits a 2-CPU node); one is
     SIGKILLed, aimed at the middle of epoch 3's training; the run trains on with 1 worker at
     once (no node added meanwhile), and, held after that epoch by the gate file (so the order
-    of events does not depend on how fast anything runs), grows back to 2 when node c joins.
-    Every epoch is in the history once, in order, with ``workers`` 2 -> 1 -> 2.
+    of events does not depend on how fast anything runs), grows back to 2 when a new node
+    joins. Every epoch is in the history once, in order, with ``workers`` 2 -> 1 -> 2.
 
     Seed noise: two uninterrupted 2-worker runs of seeds 0 and 1 on the same cluster, measured
     here in the same test; the elastic run (seed 0) must end within about three standard
     deviations of their mean (the assertion's message prints all three)."""
     storage, gate = tmp_path / "runs", tmp_path / "hold-while-shrunk"
     gate.touch()
-    with no_local_ray(), local_cluster({"a": {}, "b": {}}, num_cpus=2) as cluster:
-        raw = _raw(data_root, storage, "elastic", [1, 2], seed=0)
-        raw["run"]["hold_shrunk_while_file_exists"] = str(gate)
-        run_dir, log = storage / "elastic", tmp_path / "elastic.log"
-        driver = _start_driver(cluster, raw, log)
-        _wait_for("epoch 2", lambda: len(_history_lines(run_dir)) >= 2, driver, log, 600)
-        _kill_mid_epoch(cluster, "a", _history_lines(run_dir)[1])
-        shrunk = lambda: any(r["workers"] == 1 for r in _history_lines(run_dir))  # noqa: E731
-        # Without waiting: an epoch on 1 worker while no node is there to replace a, well
-        # before run.resource_timeout_s (600 s), which a run waiting for a replacement would
-        # spend (the seconds it took depend on the machine's load; 134 at a load of 30).
-        _wait_for("an epoch on 1 worker", shrunk, driver, log, 400)
-        cluster.add_node("c", num_cpus=2)
-        regrown = lambda: _runs([r["workers"] for r in _history_lines(run_dir)]) == [2, 1, 2]  # noqa: E731
-        _wait_for("an epoch on 2 workers again", regrown, driver, log, 600)
-        gate.unlink()
-        elastic = _finish(driver, log, timeout=900)
+    raw = _raw(data_root, storage, "elastic", [1, 2], seed=0)
+    raw["run"]["hold_shrunk_while_file_exists"] = str(gate)
+    run_dir, log = storage / "elastic", tmp_path / "elastic.log"
+    driver = _start_driver(cluster, raw, log)
+    _wait_for("epoch 2", lambda: len(_history_lines(run_dir)) >= 2, driver, log, 600)
+    _kill_mid_epoch(cluster, two_nodes[0], _history_lines(run_dir)[1])
+    shrunk = lambda: any(r["workers"] == 1 for r in _history_lines(run_dir))  # noqa: E731
+    # Without waiting: an epoch on 1 worker while no node is there to replace the lost one,
+    # well before run.resource_timeout_s (600 s), which a run waiting for a replacement would
+    # spend (the seconds it took depend on the machine's load; 134 at a load of 30).
+    _wait_for("an epoch on 1 worker", shrunk, driver, log, 400)
+    _add_node(cluster)
+    regrown = lambda: _runs([r["workers"] for r in _history_lines(run_dir)]) == [2, 1, 2]  # noqa: E731
+    _wait_for("an epoch on 2 workers again", regrown, driver, log, 600)
+    gate.unlink()
+    elastic = _finish(driver, log, timeout=900)
 
-        rows = _history_lines(run_dir)
-        assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1)), rows
-        workers = [r["workers"] for r in rows]
-        assert _runs(workers) == [2, 1, 2] and workers.count(1) == 1, workers
-        assert [r["step"] for r in rows] == [STEPS_PER_EPOCH * r["epoch"] for r in rows]
+    rows = _history_lines(run_dir)
+    assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1)), rows
+    workers = [r["workers"] for r in rows]
+    assert _runs(workers) == [2, 1, 2] and workers.count(1) == 1, workers
+    assert [r["step"] for r in rows] == [STEPS_PER_EPOCH * r["epoch"] for r in rows]
 
-        fixed = [
-            _run_to_end(cluster, _raw(data_root, storage, f"fixed-{seed}", 2, seed=seed), tmp_path)
-            for seed in (0, 1)
-        ]
+    fixed = [
+        _run_to_end(cluster, _raw(data_root, storage, f"fixed-{seed}", 2, seed=seed), tmp_path)
+        for seed in (0, 1)
+    ]
     seeds = [run[METRIC] for run in fixed]
     # Two seeds differ by |x1 - x2|, about 1.13 sigma on average; the elastic run's distance
     # from their mean has a standard deviation of about 1.22 sigma: 3.5 differences is a band
@@ -186,24 +217,25 @@ def test_elastic_run_shrinks_on_node_loss_and_grows_back(data_root: Path, tmp_pa
 
 
 @pytest.mark.timeout(1200)
-def test_fixed_size_run_waits_for_a_replacement_node(data_root: Path, tmp_path: Path) -> None:
-    """``run.num_workers: 2`` (fixed) spread over nodes a and b: a is SIGKILLed after epoch 2;
-    no epoch runs on fewer workers; when node c joins, the run resumes from its checkpoint at
-    full size and finishes with every epoch once, in order."""
+def test_fixed_size_run_waits_for_a_replacement_node(
+    data_root: Path, cluster: LocalCluster, two_nodes: tuple[str, str], tmp_path: Path
+) -> None:
+    """``run.num_workers: 2`` (fixed) spread over the two nodes: one is SIGKILLed after epoch
+    2; no epoch runs on fewer workers; when a new node joins, the run resumes from its
+    checkpoint at full size and finishes with every epoch once, in order."""
     storage = tmp_path / "runs"
     epochs = 8
-    with no_local_ray(), local_cluster({"a": {}, "b": {}}, num_cpus=2) as cluster:
-        raw = _raw(data_root, storage, "fixed", 2, seed=0)
-        raw["optim"]["epochs"] = epochs
-        run_dir, log = storage / "fixed", tmp_path / "fixed.log"
-        driver = _start_driver(cluster, raw, log)
-        _wait_for("epoch 2", lambda: len(_history_lines(run_dir)) >= 2, driver, log, 600)
-        cluster.kill_node("a")
-        time.sleep(20)  # a fixed-size run waits: nothing may train on 1 worker meanwhile
-        assert driver.poll() is None, log.read_text(errors="replace")[-3000:]
-        waiting = len(_history_lines(run_dir))
-        cluster.add_node("c", num_cpus=2)
-        _finish(driver, log, timeout=900)
+    raw = _raw(data_root, storage, "fixed", 2, seed=0)
+    raw["optim"]["epochs"] = epochs
+    run_dir, log = storage / "fixed", tmp_path / "fixed.log"
+    driver = _start_driver(cluster, raw, log)
+    _wait_for("epoch 2", lambda: len(_history_lines(run_dir)) >= 2, driver, log, 600)
+    cluster.kill_node(two_nodes[0])
+    time.sleep(20)  # a fixed-size run waits: nothing may train on 1 worker meanwhile
+    assert driver.poll() is None, log.read_text(errors="replace")[-3000:]
+    waiting = len(_history_lines(run_dir))
+    _add_node(cluster)
+    _finish(driver, log, timeout=900)
     rows = _history_lines(run_dir)
     assert waiting < epochs
     assert [r["epoch"] for r in rows] == list(range(1, epochs + 1)), rows
