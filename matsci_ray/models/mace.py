@@ -206,11 +206,10 @@ class MACE(Encoder):
 
 
 # How e3nn generates MACE's code: einsums reordered, no TorchScript. By default e3nn also
-# scripts each generated module when it is built: that doubles the build time, repeated by
-# every ``reset_parameters`` and every Ray worker, prints TorchScript warnings, and trains no
-# faster than reordered einsums alone (benchmarks/README.md, "e3nn's generated code").
-# Reordering the einsums costs a fraction of that and makes a training step faster at the
-# default size; all settings compute the same values.
+# scripts each generated module when it is built: build time repeated by every
+# ``reset_parameters`` and every Ray worker, TorchScript warnings, and no faster training than
+# reordered einsums alone, which cost less and speed a training step up at the default size
+# (benchmarks/README.md, "e3nn's generated code"). All settings compute the same values.
 CODEGEN = {"script": False, "einsums": True}
 
 

@@ -137,10 +137,11 @@ class MEGNet(Encoder):
 
     def reset_parameters(self) -> None:
         """Every dense layer Glorot-uniform with zero biases, as the reference code's Keras
-        layers start. torch's default (a third of the input's variance kept per layer) and
-        the shifted softplus (slope 1/2 at 0) shrank what geometry adds to an atom through
-        the ~15 stacked layers to ~1e-7: on a one-element set (carbon-24) every atom's
-        features were equal and the model could not fit even its training structures."""
+        layers start. Under torch's default (a third of the input's variance kept per layer)
+        and the shifted softplus (slope 1/2 at 0), the stacked layers shrank what geometry
+        adds to an atom to almost nothing: on a one-element set (carbon-24) every atom's
+        features were equal and the model could not fit even its training structures
+        (benchmarks/README.md, "MEGNet, Glorot-uniform at the start")."""
         reset_children(self)
         for module in self.modules():
             if isinstance(module, nn.Linear):
