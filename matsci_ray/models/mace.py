@@ -205,22 +205,26 @@ class MACE(Encoder):
         return EncoderOutput(node=node, graph=readout(node, index, num_graphs, self.readout))
 
 
-# How e3nn generates MACE's code: einsums reordered, no TorchScript. By default e3nn also
-# scripts each generated module when it is built: build time repeated by every
-# ``reset_parameters`` and every Ray worker, TorchScript warnings, and no faster training than
-# reordered einsums alone, which cost less and speed a training step up at the default size
-# (benchmarks/README.md, "e3nn's generated code"). All settings compute the same values.
-CODEGEN = {"script": False, "einsums": True}
+# How e3nn generates MACE's code: its defaults, as mace-torch builds it: einsums reordered
+# (opt_einsum's path) and each generated module compiled by TorchScript. Together they give
+# the fastest training step at both the default and the small size, TorchScript alone the
+# slowest (benchmarks/README.md, "e3nn's generated code"); TorchScript lengthens each build.
+# All settings compute the same values.
+CODEGEN = {"script": True, "einsums": True}
 
 
 @contextlib.contextmanager
 def e3nn_codegen(script: bool, einsums: bool) -> Iterator[None]:
     """e3nn's code generation while layers are built: ``script`` compiles each generated
-    module with TorchScript, ``einsums`` reorders its einsums (opt_einsum's path)."""
+    module with TorchScript, ``einsums`` reorders its einsums. TorchScript's notes on the
+    generated code (its type system's limits, its own deprecation) say nothing to a user."""
     before = dict(e3nn.get_optimization_defaults())
     e3nn.set_optimization_defaults(jit_script_fx=script, optimize_einsums=einsums)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The TorchScript type system")
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated")
+            yield
     finally:
         e3nn.set_optimization_defaults(**before)
 
