@@ -72,12 +72,13 @@ class Predictor:
         self.dtype = dtype
         self.transform = RadiusGraphTransform(config.data.cutoff, config.data.max_neighbors)
         self.max_z = embeddable_z(self.model)
+        self.elements = self.model.encoder.elements
 
     def check(self, atoms: Atoms) -> str | None:
         """Why the model must not score ``atoms`` (``"category: detail"``, as ingest words a
         reject), or ``None``."""
         structure = Structure(atoms.numbers, atoms.positions, atoms.cell.array, atoms.pbc)
-        return check_structure(structure, PREDICT_LIMITS, self.max_z)
+        return check_structure(structure, PREDICT_LIMITS, self.max_z, self.elements)
 
     def _refuse_unsound(self, atoms: Atoms, index: int) -> None:
         reason = self.check(atoms)

@@ -22,6 +22,7 @@ import pytest
 import torch
 import yaml
 
+from matsci_ray.errors import ConfigError
 from matsci_ray.models import build_encoder, model_spec
 from tests.samples import SAMPLES, ingest_in_process
 from tests.test_encoder_contract import (
@@ -59,14 +60,12 @@ def mace_encoder(params: dict) -> torch.nn.Module:
     return build_encoder("mace", CUTOFF, params)
 
 
-def native_mace(params: dict) -> torch.nn.Module:
-    """mace-torch's own model at ``params`` (imported after ours: importing e3nn needs the
-    setting our import makes for it)."""
+def native_mace(params: dict, table: tuple[int, ...]) -> torch.nn.Module:
+    """mace-torch's own model at ``params`` for the elements ``table`` (imported after ours:
+    importing e3nn needs the setting our import makes for it)."""
     from e3nn import o3
     from mace.modules import MACE as NativeMACE
     from mace.modules import RealAgnosticResidualInteractionBlock
-
-    from matsci_ray.models.mace import NUM_ELEMENTS
 
     c = params["num_channels"]
     return NativeMACE(
@@ -77,12 +76,12 @@ def native_mace(params: dict) -> torch.nn.Module:
         interaction_cls=RealAgnosticResidualInteractionBlock,
         interaction_cls_first=RealAgnosticResidualInteractionBlock,
         num_interactions=params["num_interactions"],
-        num_elements=NUM_ELEMENTS,
+        num_elements=len(table),
         hidden_irreps=o3.Irreps(f"{c}x0e + {c}x1o"),
         MLP_irreps=o3.Irreps("4x0e"),
-        atomic_energies=np.zeros(NUM_ELEMENTS),
+        atomic_energies=np.zeros(len(table)),
         avg_num_neighbors=32.0,
-        atomic_numbers=list(range(NUM_ELEMENTS)),
+        atomic_numbers=list(table),
         correlation=params["correlation"],
         gate=torch.nn.functional.silu,
         radial_MLP=[params["radial_mlp_dim"]] * 3,
@@ -90,14 +89,18 @@ def native_mace(params: dict) -> torch.nn.Module:
 
 
 @pytest.mark.filterwarnings("ignore:The TorchScript type system")  # mace-torch's own build
-def test_the_layers_compute_what_mace_torchs_own_model_computes() -> None:
+@pytest.mark.parametrize("elements", [None, [8, 11, 12, 14, 17]], ids=["all", "table"])
+def test_the_layers_compute_what_mace_torchs_own_model_computes(
+    elements: list[int] | None,
+) -> None:
     """The same weights in ``mace.modules.MACE`` give the same scalar features per layer: the
-    blocks are wired as mace-torch wires them, and the edge vectors (direction, periodic
-    shifts) are the ones it expects."""
+    blocks are wired as mace-torch wires them, the edge vectors (direction, periodic shifts)
+    are the ones it expects, and an element table (the crystals' O, Na, Mg, Si, Cl) gives
+    each atom the one-hot column mace-torch's table gives it."""
     params = model_spec("mace").small_params()
-    ours = mace_encoder(params).double()
-    native = native_mace(params)
-    from matsci_ray.models.mace import ELEMENT_SCALE, NUM_ELEMENTS
+    ours = mace_encoder({**params, "elements": elements}).double()
+    native = native_mace(params, ours.elements)
+    scale = math.sqrt(len(ours.elements))
 
     c = params["num_channels"]
     renamed = {"embedding": "node_embedding", "radial": "radial_embedding"}
@@ -112,11 +115,11 @@ def test_the_layers_compute_what_mace_torchs_own_model_computes() -> None:
     readout = ("readouts.", "atomic_energies_fn.")
     assert all(k.startswith(readout) or "." not in k for k in missing), missing
     # mace-torch reads the plain one-hot everywhere; ours feeds the embedding and the skip
-    # connections sqrt(119) times the one-hot: the same as their weights scaled by it
+    # connections sqrt(table size) times the one-hot: the same as their weights scaled by it
     with torch.no_grad():
-        native.node_embedding.linear.weight.mul_(ELEMENT_SCALE)
+        native.node_embedding.linear.weight.mul_(scale)
         for interaction in native.interactions:
-            interaction.skip_tp.weight.mul_(ELEMENT_SCALE)
+            interaction.skip_tp.weight.mul_(scale)
 
     batch = to_batch(crystals())
     shifts = torch.einsum(
@@ -130,7 +133,9 @@ def test_the_layers_compute_what_mace_torchs_own_model_computes() -> None:
         "edge_index": batch.edge_index,
         # theirs point from the neighbour to the centre: minus our vectors
         "shifts": -shifts,
-        "node_attrs": torch.nn.functional.one_hot(batch.z, NUM_ELEMENTS).double(),
+        "node_attrs": torch.nn.functional.one_hot(
+            torch.as_tensor([ours.elements.index(int(z)) for z in batch.z]), len(ours.elements)
+        ).double(),
     }
     features = native(data, compute_force=False)["node_feats"].detach()
     # per layer, mace-torch concatenates all irreps (scalars first); ours keeps the scalars
@@ -158,6 +163,42 @@ def test_features_depend_on_geometry_not_only_on_elements() -> None:
     compressed, stretched = bulk("C", "diamond", a=3.4), bulk("C", "diamond", a=3.9)
     out = encoder(to_batch([compressed, stretched], double=False)).graph.detach()
     assert not torch.allclose(out[0], out[1], rtol=1e-3, atol=1e-4)
+
+
+def test_an_element_outside_the_table_is_refused_by_name() -> None:
+    """A table without sodium: a batch holding it is a ValueError naming atomic number 11,
+    not a wrong one-hot column; a table must hold distinct atomic numbers 1..118."""
+    encoder = mace_encoder({**model_spec("mace").small_params(), "elements": [8, 12, 14, 17]})
+    with pytest.raises(ValueError, match=r"atomic number\(s\) \[11\]"):
+        encoder(to_batch(crystals(), double=False))
+    for table in ([], [8, 8], [0, 8], [8, 119]):
+        with pytest.raises(ConfigError, match="distinct atomic numbers"):
+            build_encoder("mace", CUTOFF, {"elements": table})
+
+
+def test_a_training_run_builds_mace_for_the_elements_of_its_data() -> None:
+    """The driver fills ``model.params.elements`` in from every split of every data set's
+    manifest; an explicit table, or a manifest without element counts, is left alone."""
+    from matsci_ray.config import ExperimentConfig
+    from matsci_ray.train.trainer import with_data_elements
+
+    raw = {"name": "m", "tasks": ["lips-forces"], "data": {"root": "/nowhere"}}
+    config = ExperimentConfig.model_validate({**raw, "model": {"name": "mace"}})
+    splits = {
+        "lips": {
+            "train": {"element_counts": {"3": 5, "16": 2}},
+            "val": {"element_counts": {"15": 1}},
+        }
+    }
+    assert with_data_elements(config, splits).model.params["elements"] == [3, 15, 16]
+    assert "elements" not in config.model.params  # a copy: the caller's config is unchanged
+    explicit = config.model_copy(
+        update={"model": config.model.model_copy(update={"params": {"elements": [3]}})}
+    )
+    assert with_data_elements(explicit, splits).model.params["elements"] == [3]
+    assert with_data_elements(config, {"lips": {"train": {}}}) is config
+    egnn = ExperimentConfig.model_validate(raw)  # no element table to fill in
+    assert with_data_elements(egnn, splits) is egnn
 
 
 def test_reset_parameters_reproduces_the_first_draws() -> None:
@@ -247,6 +288,7 @@ def test_matsci_ray_train_on_lips_and_the_checkpoint_drives_ase(tmp_path: Path) 
     the gradient of its energy."""
     from ase.io import read
 
+    from matsci_ray.errors import StructureError
     from matsci_ray.inference import MatSciCalculator
 
     lips = SAMPLES / "lips" / "lips_devset.extxyz"
@@ -285,6 +327,13 @@ def test_matsci_ray_train_on_lips_and_the_checkpoint_drives_ase(tmp_path: Path) 
     checkpoint = next(line for line in done.stdout.splitlines() if line.startswith("checkpoint:"))
     atoms = read(lips, index=0)
     atoms.calc = MatSciCalculator(checkpoint.split(": ", 1)[1], dtype=torch.float64)
+    # built for LiPS's Li, P and S, read from the data; a structure with iron is refused
+    assert atoms.calc.predictor.elements == (3, 15, 16)
+    iron = atoms.copy()
+    iron.numbers[0] = 26
+    iron.calc = atoms.calc
+    with pytest.raises(StructureError, match="26, not among the elements the model was built"):
+        iron.get_potential_energy()
     forces = atoms.get_forces()
     assert forces.shape == (len(atoms), 3) and np.isfinite(forces).all()
     step = 1e-4

@@ -10,6 +10,7 @@ what prediction refuses, and more.
 from __future__ import annotations
 
 import functools
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -77,11 +78,15 @@ class Structure:
 
 
 def check_structure(
-    structure: Geometry, limits: Limits = PREDICT_LIMITS, max_z: int = MAX_Z
+    structure: Geometry,
+    limits: Limits = PREDICT_LIMITS,
+    max_z: int = MAX_Z,
+    elements: Collection[int] | None = None,
 ) -> str | None:
     """Why no model should score ``structure`` (``max_z``: the largest atomic number the model
-    embeds), or ``None`` if it is sound."""
-    reason = _check_geometry(structure, limits, max_z)
+    embeds; ``elements``: the only ones it was built for, if it has such a table), or ``None``
+    if it is sound."""
+    reason = _check_geometry(structure, limits, max_z) or _check_table(structure, elements)
     return reason if reason is not None else _check_distances(structure, limits)
 
 
@@ -125,6 +130,19 @@ def _check_elements(s: Geometry, max_z: int) -> str | None:
         return None
     what = "" if max_z == MAX_Z else " (what the model embeds)"
     return f"element: atom {bad[0]} has atomic number {z[bad[0]]}, outside 1..{max_z}{what}"
+
+
+def _check_table(s: Geometry, elements: Collection[int] | None) -> str | None:
+    if elements is None:
+        return None
+    z = np.asarray(s.atomic_numbers)
+    bad = np.flatnonzero(~np.isin(z, np.fromiter(elements, dtype=np.int64)))
+    if bad.size == 0:
+        return None
+    return (
+        f"element: atom {bad[0]} has atomic number {z[bad[0]]}, not among the elements the "
+        f"model was built for ({', '.join(map(str, sorted(elements)))})"
+    )
 
 
 def _check_finite(s: Geometry) -> str | None:

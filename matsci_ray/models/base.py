@@ -39,6 +39,9 @@ class Encoder(nn.Module, metaclass=abc.ABCMeta):
     node_dim: int
     graph_dim: int
     cutoff: float
+    # the atomic numbers an encoder with a fixed element table was built for (MACE's one-hot):
+    # prediction refuses a structure holding any other; None: every element it embeds
+    elements: tuple[int, ...] | None = None
 
     @abc.abstractmethod
     def forward(self, batch: Any) -> EncoderOutput:

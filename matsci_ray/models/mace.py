@@ -9,17 +9,21 @@ feeds them the batch and hands their invariant features to the project's heads. 
 atomic reference energies and scale/shift of mace-torch's model are left out: the heads, their
 normalisers and the tasks' losses play those parts for every encoder alike.
 
-Elements: MACE's node attributes are a one-hot vector over the elements it was built for.
-Here that vector spans every atomic number ``0..118`` (0 unused), so no element table has to
-be read from the data before the model exists; an element absent from training keeps its
-random initial weights (as with the other encoders' learned embeddings). e3nn normalises its
-linear maps and tensor products by their fan-in, which assumes every input is active; a one-hot
-input has one, so the element embedding and each layer's element-dependent skip connection
-would come out ``sqrt(119)`` times smaller than MACE makes them for a one-element table (they
-shrink with the table's size in mace-torch too). Those two read the one-hot times
-``sqrt(119)``; the product blocks, whose per-element weights are not normalised by the number
-of elements, read the plain one-hot. The model is then, at initialisation, what mace-torch
-builds for a table holding the atom's element alone.
+Elements: MACE's node attributes are a one-hot vector over the elements it was built for,
+``elements``. A training run fills it in from its data sets' manifests (every element of every
+split: :func:`~matsci_ray.train.trainer.with_data_elements`), as mace-torch builds its table
+from the training data; the table is part of the model's config, so a checkpoint rebuilds the
+same one, and a structure holding another element is refused by name. Without a table the
+vector spans every atomic number ``0..118`` (0 unused): a model built before it knows its data
+(a test, the driver's check), at a cost, since the product blocks' element-dependent weights
+and each layer's skip connection grow with the table. e3nn normalises its linear maps and
+tensor products by their fan-in, which assumes every input is active; a one-hot input has one,
+so the element embedding and each layer's element-dependent skip connection would come out
+``sqrt(table size)`` times smaller than MACE makes them for a one-element table (they shrink
+with the table's size in mace-torch). Those two read the one-hot times ``sqrt(table size)``;
+the product blocks, whose per-element weights are not normalised by the number of elements,
+read the plain one-hot. The model is then, at initialisation, what mace-torch builds for a
+table holding the atom's element alone, whatever the table.
 
 mace-torch is an optional extra (``pip install -e '.[mace]'``); without it, asking for this
 model is a :class:`~matsci_ray.errors.ConfigError` when the config is read.
@@ -88,8 +92,7 @@ with _contained_import():
     except ImportError as error:  # this module stays unimported; the registry reports why
         raise ConfigError(f"needs the mace extra: pip install -e '.[mace]' ({error})") from None
 
-NUM_ELEMENTS = MAX_Z + 1  # one-hot columns: atomic numbers 0..118
-ELEMENT_SCALE = math.sqrt(NUM_ELEMENTS)
+ALL_ELEMENTS = tuple(range(MAX_Z + 1))  # the table without ``elements``: atomic numbers 0..118
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,7 @@ class MACESettings:
     radial_mlp_dim: int
     avg_num_neighbors: float
     cutoff: float
+    num_elements: int
 
 
 class MACE(Encoder):
@@ -128,6 +132,8 @@ class MACE(Encoder):
         avg_num_neighbors: constant dividing each neighbour sum (mace-torch measures it on the
             training set; here it is a setting, like EGNN's ``aggr_norm``).
         cutoff: Å; MACE's ``r_max``, where the envelope reaches zero.
+        elements: the atomic numbers the one-hot node attributes span (MACE's element table);
+            ``None``: every atomic number. A training run sets it from its data.
         readout: pooling of the atom features into ``graph``: ``"sum_mean"``, ``"sum"`` or
             ``"mean"``.
     """
@@ -145,6 +151,7 @@ class MACE(Encoder):
         radial_mlp_dim: int = 64,
         avg_num_neighbors: float = 32.0,
         cutoff: float = 6.0,
+        elements: list[int] | None = None,
         readout: Literal["sum_mean", "sum", "mean"] = "sum_mean",
     ) -> None:
         super().__init__()
@@ -155,6 +162,7 @@ class MACE(Encoder):
             )
         if max_ell < 0 or max_L < 0:
             raise ValueError("max_ell and max_L must be at least 0")
+        self.elements = ALL_ELEMENTS if elements is None else element_table(elements)
         self.settings = MACESettings(
             num_channels=num_channels,
             num_interactions=num_interactions,
@@ -166,11 +174,17 @@ class MACE(Encoder):
             radial_mlp_dim=radial_mlp_dim,
             avg_num_neighbors=float(avg_num_neighbors),
             cutoff=float(cutoff),
+            num_elements=len(self.elements),
         )
         self.cutoff = float(cutoff)
         self.readout = readout
         self.node_dim = num_channels * num_interactions
         self.graph_dim = readout_width(self.node_dim, readout)
+        self.element_scale = math.sqrt(len(self.elements))  # see the module's docstring
+        column = torch.full((MAX_Z + 1,), -1, dtype=torch.long)
+        column[list(self.elements)] = torch.arange(len(self.elements))
+        # derived from ``elements`` (the config), so not in the state dict
+        self.register_buffer("element_column", column, persistent=False)
         self.layers = build_layers(self.settings)
 
     def reset_parameters(self) -> None:
@@ -184,8 +198,8 @@ class MACE(Encoder):
         # mace-torch's edge vectors point from the neighbour to the centre, ours the other way
         edge_attrs = self.layers["spherical_harmonics"](-vec)
         edge_feats, _ = self.layers["radial"](dist.unsqueeze(-1), None, None, None)
-        one_hot = nn.functional.one_hot(batch.z, NUM_ELEMENTS).to(vec.dtype)
-        scaled = one_hot * ELEMENT_SCALE  # see the module's docstring
+        one_hot = nn.functional.one_hot(self.columns(batch.z), len(self.elements)).to(vec.dtype)
+        scaled = one_hot * self.element_scale
         h = self.layers["embedding"](scaled)
         scalars: list[Tensor] = []
         for interaction, product in zip(
@@ -203,6 +217,25 @@ class MACE(Encoder):
             scalars.append(h[:, : self.settings.num_channels])
         node = torch.cat(scalars, dim=-1)
         return EncoderOutput(node=node, graph=readout(node, index, num_graphs, self.readout))
+
+    def columns(self, z: Tensor) -> Tensor:
+        """Each atom's column of the element table; an element outside it is a ValueError."""
+        columns = self.element_column[z]
+        if bool((columns < 0).any()):
+            missing = sorted(set(z[columns < 0].tolist()))
+            raise ValueError(
+                f"MACE was built for elements {list(self.elements)}; the batch holds atomic "
+                f"number(s) {missing}"
+            )
+        return columns
+
+
+def element_table(elements: list[int]) -> tuple[int, ...]:
+    """``elements`` sorted, checked to be distinct atomic numbers ``1..118``."""
+    table = tuple(sorted(set(elements)))
+    if not table or len(table) != len(elements) or not 1 <= table[0] <= table[-1] <= MAX_Z:
+        raise ValueError(f"elements must be distinct atomic numbers 1..{MAX_Z}, got {elements}")
+    return table
 
 
 # How e3nn generates MACE's code: its defaults, as mace-torch builds it: einsums reordered
@@ -249,7 +282,8 @@ def build_layers(settings: MACESettings) -> nn.ModuleDict:
                     normalization="component",
                 ),
                 "embedding": LinearNodeEmbeddingBlock(
-                    o3.Irreps(f"{NUM_ELEMENTS}x0e"), o3.Irreps(f"{settings.num_channels}x0e")
+                    o3.Irreps(f"{settings.num_elements}x0e"),
+                    o3.Irreps(f"{settings.num_channels}x0e"),
                 ),
                 "radial": RadialEmbeddingBlock(
                     r_max=settings.cutoff,
@@ -263,7 +297,7 @@ def build_layers(settings: MACESettings) -> nn.ModuleDict:
 
 def _interactions_and_products(settings: MACESettings) -> dict[str, nn.ModuleList]:
     c = settings.num_channels
-    element_irreps = o3.Irreps(f"{NUM_ELEMENTS}x0e")
+    element_irreps = o3.Irreps(f"{settings.num_elements}x0e")
     scalar_irreps = o3.Irreps(f"{c}x0e")
     hidden_irreps = (c * o3.Irreps.spherical_harmonics(settings.max_L)).sort()[0].simplify()
     sh_irreps = o3.Irreps.spherical_harmonics(settings.max_ell)
@@ -287,7 +321,7 @@ def _interactions_and_products(settings: MACESettings) -> dict[str, nn.ModuleLis
                 node_feats_irreps=interaction.target_irreps,
                 target_irreps=out_irreps,
                 correlation=settings.correlation,
-                num_elements=NUM_ELEMENTS,
+                num_elements=settings.num_elements,
                 use_sc=True,
             )
         )

@@ -20,6 +20,7 @@ from matsci_ray.data.manifest import read_manifest
 from matsci_ray.data.mixing import epoch_batches
 from matsci_ray.graphs.batching import RadiusGraphTransform
 from matsci_ray.graphs.collate import batch_targets
+from matsci_ray.models import encoder_signature
 from matsci_ray.models.registry import is_generative
 from matsci_ray.storage import Location, location, ray_storage, resolve
 from matsci_ray.tasks.registry import TASKS, primary_metric
@@ -132,6 +133,27 @@ def train_summaries(
     return summaries
 
 
+def with_data_elements(
+    config: ExperimentConfig, splits_by_name: dict[str, dict[str, Any]] | None = None
+) -> ExperimentConfig:
+    """``config`` with ``model.params.elements`` set to every element of its data sets (all
+    splits, from the manifests' element counts) where the encoder takes an element table
+    (MACE) and the config leaves it open; otherwise ``config`` itself. The workers, and so the
+    checkpoints, get the filled-in config: a checkpoint rebuilds the same table."""
+    params = config.model.params
+    takes = {p.name for p in encoder_signature(config.model.name)}
+    if "elements" not in takes or params.get("elements") is not None:
+        return config
+    found: set[int] = set()
+    for splits in (splits_by_name or manifest_splits(config)).values():
+        for summary in splits.values():
+            if "element_counts" not in summary:  # an older manifest: the whole periodic table
+                return config
+            found.update(int(z) for z in summary["element_counts"])
+    model = config.model.model_copy(update={"params": {**params, "elements": sorted(found)}})
+    return config.model_copy(update={"model": model})
+
+
 def checkpoint_config(config: ExperimentConfig) -> ray.train.CheckpointConfig:
     """Keep the best checkpoint by the primary validation metric, and the latest.
 
@@ -164,13 +186,14 @@ def build_trainer(
         from matsci_ray.generative.train import build_trainer as build_generative
 
         return build_generative(config, resume_from, callbacks)
-    if resume_from is not None:  # before any cluster or data work: a bad path fails at once
+    if resume_from is not None:  # before any cluster work: a bad path fails at once
         resume_from = resolve(location(resume_from))
-        check_resume(resume_from, config)
+        check_resume(resume_from, with_data_elements(config))
     callbacks = prepare_run(config, callbacks)  # checks model, cluster; user errors not retried
     ray.data.DataContext.get_current().enable_progress_bars = False  # per-epoch log noise
     set_controller_env(config)
     splits_by_name = manifest_splits(config)
+    config = with_data_elements(config, splits_by_name)
     summaries = train_summaries(config, splits_by_name)
     datasets: dict[str, ray.data.Dataset] = {}
     sizes: dict[str, int] = {}
