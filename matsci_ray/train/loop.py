@@ -445,11 +445,18 @@ def early_stopping(state: TrainState, value: float) -> None:
 
 
 def should_stop(state: TrainState, started: float) -> bool:
-    """Out of time (``optim.max_minutes``) or of patience (``early_stopping_patience``)."""
+    """Out of time (``optim.max_minutes``) or of patience (``early_stopping_patience``).
+
+    Each worker reads its own clock from its own start, so near the limit one may be out of
+    time and another not: the workers stop when any of them is, or the one that went on would
+    wait for ever in the next epoch's data split and all-reduces for the ones that left.
+    Patience needs no such vote: it counts the all-reduced metric, the same on every rank."""
     optim = state.config.optim
     out_of_time = (
         optim.max_minutes is not None and time.monotonic() - started > 60 * optim.max_minutes
     )
+    if optim.max_minutes is not None and state.world > 1 and dist.is_initialized():
+        out_of_time = _any_worker(out_of_time, state)
     patience = optim.early_stopping_patience
     return out_of_time or (patience is not None and state.stale >= patience)
 
