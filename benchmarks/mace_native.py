@@ -48,6 +48,8 @@ MACE: dict[str, Any] = {
     "num_cutoff_basis": 5,
     "radial_mlp_dim": 32,
 }
+# matsci-ray's energy head is as wide as mace-torch's non-linear read-out (``MLP_irreps``, 16x0e)
+READOUT_WIDTH = 16
 BATCH, LR, FORCE_WEIGHT, SEED = 4, 1e-2, 10.0, 42
 ENERGY_KEY, FORCES_KEY = "REF_energy", "REF_forces"  # not ASE's calculator names
 # Ray starts its workers at niceness 15 (the raylet's ``worker_niceness``); the native run gets
@@ -127,6 +129,7 @@ def native_command(work: Path, train: Path, val: Path, avg: float, epochs: int) 
         f"--num_cutoff_basis={p['num_cutoff_basis']}",
         f"--radial_MLP=[{p['radial_mlp_dim']}, {p['radial_mlp_dim']}, {p['radial_mlp_dim']}]",
         f"--avg_num_neighbors={avg}",
+        f"--MLP_irreps={READOUT_WIDTH}x0e",
         "--compute_avg_num_neighbors=False",
         "--loss=weighted",
         "--energy_weight=1.0",
@@ -226,7 +229,11 @@ def run_matsci(
         "lips-forces",
         root,
         tmp,
-        model={"name": "mace", "params": {**MACE, "avg_num_neighbors": avg}},
+        model={
+            "name": "mace",
+            "params": {**MACE, "avg_num_neighbors": avg},
+            "head_hidden": READOUT_WIDTH,
+        },
         data={"cutoff": CUTOFF, "batch_size": BATCH // workers},
         optim={"lr": LR, "scheduler": "none", "epochs": 10_000, "max_minutes": minutes + extra},
         loss={"force_weight": FORCE_WEIGHT},
@@ -298,7 +305,14 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "command": " ".join(["python", *sys.argv]),
         "load_at_start": os.getloadavg()[0],
-        "hyperparameters": {**MACE, "cutoff": CUTOFF, "batch": BATCH, "lr": LR, "seed": SEED},
+        "hyperparameters": {
+            **MACE,
+            "cutoff": CUTOFF,
+            "readout_width": READOUT_WIDTH,
+            "batch": BATCH,
+            "lr": LR,
+            "seed": SEED,
+        },
     }
     with tempfile.TemporaryDirectory(prefix="mnat", dir="/tmp") as tmp_name:
         tmp = Path(tmp_name)
