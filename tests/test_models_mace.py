@@ -178,7 +178,9 @@ def test_an_element_outside_the_table_is_refused_by_name() -> None:
 
 def test_a_training_run_builds_mace_for_the_elements_of_its_data() -> None:
     """The driver fills ``model.params.elements`` in from every split of every data set's
-    manifest; an explicit table, or a manifest without element counts, is left alone."""
+    manifest; a manifest without element counts leaves it open; a table given in the config
+    is kept if it holds every element of the data, and is a ConfigError naming the rest if
+    not."""
     from matsci_ray.config import ExperimentConfig
     from matsci_ray.train.trainer import with_data_elements
 
@@ -192,10 +194,17 @@ def test_a_training_run_builds_mace_for_the_elements_of_its_data() -> None:
     }
     assert with_data_elements(config, splits).model.params["elements"] == [3, 15, 16]
     assert "elements" not in config.model.params  # a copy: the caller's config is unchanged
-    explicit = config.model_copy(
-        update={"model": config.model.model_copy(update={"params": {"elements": [3]}})}
-    )
-    assert with_data_elements(explicit, splits).model.params["elements"] == [3]
+
+    def given(table: list[int]) -> ExperimentConfig:
+        params = {"elements": table}
+        return config.model_copy(
+            update={"model": config.model.model_copy(update={"params": params})}
+        )
+
+    wider = given([3, 8, 15, 16])  # room for oxygen later
+    assert with_data_elements(wider, splits) is wider
+    with pytest.raises(ConfigError, match=r"atomic number\(s\) \[15, 16\], not in the table"):
+        with_data_elements(given([3]), splits)
     assert with_data_elements(config, {"lips": {"train": {}}}) is config
     egnn = ExperimentConfig.model_validate(raw)  # no element table to fill in
     assert with_data_elements(egnn, splits) is egnn

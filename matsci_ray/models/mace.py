@@ -219,9 +219,11 @@ class MACE(Encoder):
         return EncoderOutput(node=node, graph=readout(node, index, num_graphs, self.readout))
 
     def columns(self, z: Tensor) -> Tensor:
-        """Each atom's column of the element table; an element outside it is a ValueError."""
+        """Each atom's column of the element table; an element outside it is a ValueError
+        (under torch.compile, the check's host sync would split the graph: a run's table holds
+        its data's elements, checked when it starts, and prediction checks each structure)."""
         columns = self.element_column[z]
-        if bool((columns < 0).any()):
+        if not torch.compiler.is_compiling() and bool((columns < 0).any()):
             missing = sorted(set(z[columns < 0].tolist()))
             raise ValueError(
                 f"MACE was built for elements {list(self.elements)}; the batch holds atomic "

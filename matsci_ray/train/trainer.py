@@ -18,6 +18,7 @@ from matsci_ray.config import ExperimentConfig, dump_config
 from matsci_ray.data.dataset import open_dataset, sample_rows
 from matsci_ray.data.manifest import read_manifest
 from matsci_ray.data.mixing import epoch_batches
+from matsci_ray.errors import ConfigError
 from matsci_ray.graphs.batching import RadiusGraphTransform
 from matsci_ray.graphs.collate import batch_targets
 from matsci_ray.models import encoder_signature
@@ -139,19 +140,36 @@ def with_data_elements(
     """``config`` with ``model.params.elements`` set to every element of its data sets (all
     splits, from the manifests' element counts) where the encoder takes an element table
     (MACE) and the config leaves it open; otherwise ``config`` itself. The workers, and so the
-    checkpoints, get the filled-in config: a checkpoint rebuilds the same table."""
+    checkpoints, get the filled-in config: a checkpoint rebuilds the same table. A table
+    given in the config must hold every element of the data (a ConfigError names the rest)."""
     params = config.model.params
-    takes = {p.name for p in encoder_signature(config.model.name)}
-    if "elements" not in takes or params.get("elements") is not None:
+    if "elements" not in {p.name for p in encoder_signature(config.model.name)}:
         return config
-    found: set[int] = set()
-    for splits in (splits_by_name or manifest_splits(config)).values():
-        for summary in splits.values():
-            if "element_counts" not in summary:  # an older manifest: the whole periodic table
-                return config
-            found.update(int(z) for z in summary["element_counts"])
+    found = data_elements(splits_by_name or manifest_splits(config))
+    given = params.get("elements")
+    if given is not None:
+        missing = sorted(set(found or ()) - set(given))
+        if missing:
+            raise ConfigError(
+                f"model.params.elements: the data sets hold atomic number(s) {missing}, "
+                "not in the table; add them, or leave elements out to take the data's"
+            )
+        return config
+    if found is None:  # an older manifest without element counts: the whole periodic table
+        return config
     model = config.model.model_copy(update={"params": {**params, "elements": sorted(found)}})
     return config.model_copy(update={"model": model})
+
+
+def data_elements(splits_by_name: dict[str, dict[str, Any]]) -> set[int] | None:
+    """Atomic numbers in any split of any data set, or ``None`` if a manifest does not say."""
+    found: set[int] = set()
+    for splits in splits_by_name.values():
+        for summary in splits.values():
+            if "element_counts" not in summary:
+                return None
+            found.update(int(z) for z in summary["element_counts"])
+    return found
 
 
 def checkpoint_config(config: ExperimentConfig) -> ray.train.CheckpointConfig:
