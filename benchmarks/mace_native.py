@@ -259,6 +259,7 @@ def run_matsci(
         "val_force_mae_history": [r["val/lips-forces/mae"] for r in history],
         # the limit is checked after each epoch, so the last one ends past the native time
         "val_force_mae_within_native_time": within[-1] if within else None,
+        "epochs_within_native_time": len(within),
         "training_s": sum(epoch_s),
         "config": raw,
     }
@@ -266,19 +267,25 @@ def run_matsci(
 
 def table(results: dict[str, Any]) -> str:
     lines = [
-        "| trainer (same wall time, trained side by side) | epochs | samples/s | ÷ native "
+        "| trainer (same wall time, trained side by side) | epochs in it | samples/s | ÷ native "
         "| val force MAE eV/Å | ÷ native |",
         "|---|--:|--:|--:|--:|--:|",
     ]
     for pair in results["pairs"]:
         native, matsci = pair["native"], pair["matsci_ray"]
         mae = matsci["val_force_mae_within_native_time"] or matsci["val_force_mae"]
-        for label, r, err in (
-            ("mace_run_train, 1 thread", native, native["val_force_mae"]),
-            (f"matsci-ray, {matsci['workers']} worker(s) × 0.5 CPU", matsci, mae),
+        for label, r, epochs, err in (
+            ("mace_run_train, 1 thread", native, native["epochs"], native["val_force_mae"]),
+            (
+                f"matsci-ray, {matsci['workers']} worker(s) × 0.5 CPU",
+                matsci,
+                # its run goes on past the native time (the native start-up): not counted
+                matsci.get("epochs_within_native_time", matsci["epochs"]),
+                mae,
+            ),
         ):
             lines.append(
-                f"| {label} | {r['epochs']} | {r['samples_per_s']:.2f} | "
+                f"| {label} | {epochs} | {r['samples_per_s']:.2f} | "
                 f"{r['samples_per_s'] / native['samples_per_s']:.2f} | {err:.4f} | "
                 f"{err / native['val_force_mae']:.2f} |"
             )
