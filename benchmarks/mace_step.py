@@ -11,7 +11,7 @@ those of ``benchmarks/mace_native.py``. Steps are interleaved batch by batch acr
 so that load from other jobs hits them alike; each figure is the median step time and its ratio
 to mace-torch's in the same run.
 
-Run ``python benchmarks/mace_step.py`` (~4 minutes on 2 cores; ``--rounds N``). Needs the
+Run ``python benchmarks/mace_step.py`` (~2 minutes on 2 cores; ``--rounds N``). Needs the
 ``mace`` extra. See benchmarks/README.md, "One MACE training step".
 """
 
