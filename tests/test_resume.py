@@ -4,7 +4,6 @@ optimiser, schedule and data order it had, and ends where an uninterrupted run e
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,19 +29,6 @@ def data_root(samples: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     docs = [samples / "materials_project" / "summary_docs.jsonl"]
     run_ingest("materials-project", docs, root, IngestOptions(source="materials-project"))
     return root
-
-
-@pytest.fixture
-def ordered() -> Iterator[None]:
-    """Ray Data hands out blocks in plan order (as the trainer captures the driver's
-    context): with one worker, a run is then deterministic, so runs can be compared."""
-    import ray.data
-
-    options = ray.data.DataContext.get_current().execution_options
-    before = options.preserve_order
-    options.preserve_order = True
-    yield
-    options.preserve_order = before
 
 
 def _raw(root: Path, storage: Path, name: str, **run: object) -> dict:
@@ -87,7 +73,6 @@ def _stop_after_epoch_2(raw: dict) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("ordered")
 def test_resumed_run_ends_where_an_uninterrupted_run_ends(
     data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -109,7 +94,8 @@ def test_resumed_run_ends_where_an_uninterrupted_run_ends(
 
     assert resumed.metrics["epoch"] == full.metrics["epoch"] == 3
     assert resumed.metrics["lr"] == pytest.approx(full.metrics["lr"], rel=1e-12)
-    # one worker, ordered blocks, one thread: the same arithmetic in the same order
+    # one worker, blocks in plan order (data.preserve_order), one thread: the same
+    # arithmetic in the same order
     assert resumed.metrics[METRIC] == pytest.approx(full.metrics[METRIC], rel=1e-6)
     history = read_history(storage / "resumed")
     assert [row["epoch"] for row in history] == [1, 2, 3]  # epochs 1-2 carried over, once
@@ -135,32 +121,79 @@ def test_data_order_is_the_epochs_own(tmp_path: Path) -> None:
         EpochFileShuffle,
         EpochOrder,
         announce,
+        block_order,
         randomize_blocks_by_epoch,
     )
 
     path = tmp_path / "order.json"
-    blocks = ray.data.range(12 * 8, override_num_blocks=12).materialize()
-    cached = randomize_blocks_by_epoch(blocks, EpochOrder(7, "c", str(path)))
     files = []
     for k in range(12):
         files.append(str(tmp_path / f"part-{k:02d}.csv"))
         pcsv.write_csv(pa.table({"id": list(range(8 * k, 8 * k + 8))}), files[-1])
-    shuffle = EpochFileShuffle(7, order=EpochOrder(7, "f", str(path)))
-    streamed = ray.data.read_csv(files, shuffle=shuffle)
+    with block_order(True):
+        blocks = ray.data.range(12 * 8, override_num_blocks=12).materialize()
+        cached = randomize_blocks_by_epoch(blocks, EpochOrder(7, "c", str(path)))
+        shuffle = EpochFileShuffle(7, order=EpochOrder(7, "f", str(path)))
+        streamed = ray.data.read_csv(files, shuffle=shuffle)
+    for name, ds in (("c", cached), ("f", streamed)):
+        orders = {}
+        for epoch in (0, 1, 2, 1, 1):
+            announce(path, name, epoch, 0)
+            order = [int(row["id"]) for row in ds.take_all()]
+            assert orders.setdefault(epoch, order) == order, (name, epoch)
+            assert sorted(order) == list(range(96))
+        assert len({tuple(o) for o in orders.values()}) == 3, name  # each epoch its own
+
+
+def _finish_in_reverse(batch: dict) -> dict:
+    """Block k of 8 (8 ids each) sleeps (7 - k) / 10 s: later blocks finish first."""
+    import time
+
+    time.sleep((7 - int(batch["id"][0]) // 8) / 10)
+    return batch
+
+
+def test_block_order_keeps_plan_order_and_restores_the_context() -> None:
+    """What made one seed's run differ from the same seed's run: a ``materialize`` (the
+    cached graphs) stores blocks in the order their tasks finish, so the seeded epoch
+    permutation acts on a different list each run. Under ``block_order(True)`` (the
+    trainer's, ``data.preserve_order``) they stay in plan order however the tasks finish
+    (later ones first here); the driver's context is left as it was."""
+    import ray.data
+
+    from matsci_ray.train.data_order import block_order
 
     options = ray.data.DataContext.get_current().execution_options
-    before, options.preserve_order = options.preserve_order, True
-    try:
-        for name, ds in (("c", cached), ("f", streamed)):
-            orders = {}
-            for epoch in (0, 1, 2, 1, 1):
-                announce(path, name, epoch, 0)
-                order = [int(row["id"]) for row in ds.take_all()]
-                assert orders.setdefault(epoch, order) == order, (name, epoch)
-                assert sorted(order) == list(range(96))
-            assert len({tuple(o) for o in orders.values()}) == 3, name  # each epoch its own
-    finally:
-        options.preserve_order = before
+    before = options.preserve_order
+    with block_order(True):
+        ds = ray.data.range(64, override_num_blocks=8)
+        ds = ds.map_batches(_finish_in_reverse, batch_size=None, num_cpus=0.25)
+    firsts = [int(batch["id"][0]) for batch in ds.materialize().iter_batches(batch_size=None)]
+    assert firsts == list(range(0, 64, 8))
+    assert options.preserve_order == before
+
+
+@pytest.mark.parametrize("preserve", [True, False])
+def test_trainer_hands_out_blocks_as_data_preserve_order_says(
+    data_root: Path, tmp_path: Path, preserve: bool
+) -> None:
+    """Every data set the trainer plans, and the shards' execution options the workers get,
+    carry ``data.preserve_order``; the driver's own Ray Data context is left as it was."""
+    import ray.data
+
+    from matsci_ray.train.trainer import build_trainer
+
+    raw = _raw(data_root, tmp_path / "runs", f"order-{preserve}")
+    raw["data"]["preserve_order"] = preserve
+    context = ray.data.DataContext.get_current().execution_options
+    before = context.preserve_order
+    built = build_trainer(_config(raw))
+    assert context.preserve_order == before
+    assert built.datasets and all(
+        ds.context.execution_options.preserve_order == preserve for ds in built.datasets.values()
+    )
+    options = built.data_config._resolve_execution_options("train:materials-project")
+    assert options.preserve_order == preserve
 
 
 def _write(raw: dict, path: Path) -> Path:

@@ -5,7 +5,6 @@ uninterrupted run does."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,18 +27,6 @@ def data_root(samples: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return ingest_in_process("materials-project", docs, root)
 
 
-@pytest.fixture
-def ordered() -> Iterator[None]:
-    """Blocks in plan order: one worker's run is then deterministic (as in test_resume)."""
-    import ray.data
-
-    options = ray.data.DataContext.get_current().execution_options
-    before = options.preserve_order
-    options.preserve_order = True
-    yield
-    options.preserve_order = before
-
-
 def _config(root: Path, storage: Path, name: str, **run: object) -> ExperimentConfig:
     """test_resume's run (one worker, cosine, cached graphs), checkpointed every 3 steps."""
     return ExperimentConfig.model_validate(
@@ -52,7 +39,6 @@ def _lines(run_dir: Path) -> list[int]:
     return [json.loads(line)["epoch"] for line in text.splitlines() if line.strip()]
 
 
-@pytest.mark.usefixtures("ordered")
 def test_restart_and_resume_from_a_mid_epoch_checkpoint(
     data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -88,7 +74,7 @@ def test_restart_and_resume_from_a_mid_epoch_checkpoint(
     for run in (restarted, resumed):
         assert run.metrics["epoch"] == 3 and run.metrics["step"] == full.metrics["step"]
         assert run.metrics["lr"] == pytest.approx(full.metrics["lr"], rel=1e-12)
-        # one worker, ordered blocks, the trained batches skipped: the same arithmetic
+        # one worker, blocks in plan order, the trained batches skipped: the same arithmetic
         assert run.metrics[METRIC] == pytest.approx(full.metrics[METRIC], rel=1e-6)
     for name in ("restarted", "resumed"):
         assert _lines(storage / name) == [1, 2, 3]

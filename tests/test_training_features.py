@@ -27,7 +27,6 @@ from matsci_ray.train.ema import ExponentialMovingAverage
 from matsci_ray.train.metrics import task_losses
 from matsci_ray.train.precision import maybe_compile, training_autocast, uses_bf16
 from tests.samples import TINY_EGNN, ingest_in_process, tiny_model
-from tests.test_step_checkpoints import ordered  # noqa: F401 - the fixture, by name
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -339,7 +338,7 @@ def mp_root(samples: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("ray_local", "ordered")
+@pytest.mark.usefixtures("ray_local")
 def test_ema_is_validated_checkpointed_and_resumed_exactly(mp_root: Path, tmp_path: Path) -> None:
     """An uninterrupted run and one whose worker dies after the step-6 checkpoint (mid-epoch)
     end with the same averaged and raw weights; the checkpoint's model is the average, and it

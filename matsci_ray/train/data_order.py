@@ -19,6 +19,8 @@ dataset iterated outside the training loop) each execution gets a new order, Ray
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,20 @@ def order_seed(seed: int, *keys: int) -> int:
     """A 32-bit seed from ``seed`` and ``keys`` (epoch, pass, rank): NumPy's SeedSequence,
     the same in every process and independent of Ray's own seed derivation."""
     return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0])
+
+
+@contextmanager
+def block_order(preserve: bool) -> Iterator[None]:
+    """Data sets made inside keep their blocks in plan order when ``preserve`` (each data
+    set captures a copy of the current Ray Data context when it is made). Without it, a
+    ``materialize`` stores its blocks in the order their tasks finish, so the same seeded
+    permutation of them is a different data order in every run."""
+    options = ray.data.DataContext.get_current().execution_options
+    before, options.preserve_order = options.preserve_order, preserve
+    try:
+        yield
+    finally:
+        options.preserve_order = before
 
 
 def announce(path: Path | str, dataset: str, epoch: int, pass_index: int) -> None:

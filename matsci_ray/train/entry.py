@@ -37,7 +37,19 @@ class ShardedValidation(ray.train.DataConfig):
     split unequally: each row is scored by exactly one worker, and a worker's shard may be
     empty (``loop.validate`` all-reduces sums and counts). One worker reads every data set
     whole, in its own process: a split of one would cost a coordinator actor per data set,
-    each a process to start per run."""
+    each a process to start per run.
+
+    ``preserve_order`` (``data.preserve_order``) overrides the driver's Ray Data context in
+    the shards' execution options: the order the training loop's seeds act on."""
+
+    def __init__(self, preserve_order: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.preserve_order = preserve_order
+
+    def _resolve_execution_options(self, dataset_name: str) -> Any:
+        options = super()._resolve_execution_options(dataset_name)
+        options.preserve_order = self.preserve_order
+        return options
 
     def configure(
         self,

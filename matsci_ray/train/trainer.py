@@ -30,6 +30,7 @@ from matsci_ray.train.data_order import (
     ORDER_FILE,
     EpochFileShuffle,
     EpochOrder,
+    block_order,
     randomize_blocks_by_epoch,
 )
 from matsci_ray.train.entry import ShardedValidation, train_loop_per_worker
@@ -213,25 +214,8 @@ def build_trainer(
     splits_by_name = manifest_splits(config)
     config = with_data_elements(config, splits_by_name)
     summaries = train_summaries(config, splits_by_name)
-    datasets: dict[str, ray.data.Dataset] = {}
-    sizes: dict[str, int] = {}
-    for name, splits in splits_by_name.items():
-        limit = config.data.max_train_samples
-        cache = should_cache(config, splits["train"])
-        train = graph_dataset(config, name, "train", limit, shuffle_files=not cache)
-        count = summaries[name]["records"]
-        if limit:
-            count = min(count, limit)
-            summaries[name] = {**summaries[name], "records": count}
-        if cache:
-            order = epoch_order(config, name)
-            train = cached_epochs(train, config.run.seed, order)
-        val = graph_dataset(config, name, config.data.val_split, config.data.max_val_samples)
-        if should_cache(config, splits.get(config.data.val_split, {})):
-            # in blocks the workers' validation shards are dealt in
-            val = val.repartition(target_num_rows_per_block=CACHE_BLOCK_ROWS).materialize()
-        datasets[f"train:{name}"], datasets[f"val:{name}"] = train, val
-        sizes[name] = count
+    with block_order(config.data.preserve_order):
+        datasets, sizes = run_datasets(config, splits_by_name, summaries)
     # the schedule's plan: global steps, of data.batch_size per worker at the largest size
     steps = epoch_batches(sizes, config.data.batch_size, config.run.max_workers)
     return TorchTrainer(
@@ -252,8 +236,36 @@ def build_trainer(
             callbacks=callbacks,
         ),
         datasets=datasets,
-        dataset_config=ShardedValidation(),
+        dataset_config=ShardedValidation(config.data.preserve_order),
     )
+
+
+def run_datasets(
+    config: ExperimentConfig,
+    splits_by_name: dict[str, dict[str, Any]],
+    summaries: dict[str, dict[str, Any]],
+) -> tuple[dict[str, ray.data.Dataset], dict[str, int]]:
+    """Each data set's ``train:`` and ``val:`` graph streams (small ones built once) and its
+    training rows; ``summaries`` records the rows a ``data.max_train_samples`` leaves."""
+    datasets: dict[str, ray.data.Dataset] = {}
+    sizes: dict[str, int] = {}
+    for name, splits in splits_by_name.items():
+        limit = config.data.max_train_samples
+        cache = should_cache(config, splits["train"])
+        train = graph_dataset(config, name, "train", limit, shuffle_files=not cache)
+        count = summaries[name]["records"]
+        if limit:
+            count = min(count, limit)
+            summaries[name] = {**summaries[name], "records": count}
+        if cache:
+            train = cached_epochs(train, config.run.seed, epoch_order(config, name))
+        val = graph_dataset(config, name, config.data.val_split, config.data.max_val_samples)
+        if should_cache(config, splits.get(config.data.val_split, {})):
+            # in blocks the workers' validation shards are dealt in
+            val = val.repartition(target_num_rows_per_block=CACHE_BLOCK_ROWS).materialize()
+        datasets[f"train:{name}"], datasets[f"val:{name}"] = train, val
+        sizes[name] = count
+    return datasets, sizes
 
 
 def set_controller_env(config: ExperimentConfig) -> None:
