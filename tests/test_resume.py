@@ -177,18 +177,21 @@ def test_block_order_keeps_plan_order_and_restores_the_context() -> None:
 def test_trainer_hands_out_blocks_as_data_preserve_order_says(
     data_root: Path, tmp_path: Path, preserve: bool
 ) -> None:
-    """Every data set the trainer plans, and the shards' execution options the workers get,
-    carry ``data.preserve_order``; the driver's own Ray Data context is left as it was."""
+    """Every data set the trainer plans, the shards' execution options the workers get, and
+    the stream ``evaluate`` scores carry ``data.preserve_order``; the driver's own Ray Data
+    context is left as it was."""
     import ray.data
 
-    from matsci_ray.train.trainer import build_trainer
+    from matsci_ray.train.trainer import build_trainer, graph_dataset
 
     raw = _raw(data_root, tmp_path / "runs", f"order-{preserve}")
     raw["data"]["preserve_order"] = preserve
     context = ray.data.DataContext.get_current().execution_options
     before = context.preserve_order
     built = build_trainer(_config(raw))
+    test = graph_dataset(_config(raw), "materials-project", "test")
     assert context.preserve_order == before
+    assert test.context.execution_options.preserve_order == preserve
     assert built.datasets and all(
         ds.context.execution_options.preserve_order == preserve for ds in built.datasets.values()
     )

@@ -36,7 +36,6 @@ from matsci_ray.tasks.registry import TASKS, metric_key
 from matsci_ray.train import loop, trainer
 from matsci_ray.train.batches import remaining_steps, train_batches
 from matsci_ray.train.checkpoint import check_resume
-from matsci_ray.train.data_order import block_order
 from matsci_ray.train.entry import ShardedValidation, generative_loop_per_worker
 from matsci_ray.train.preflight import prepare_run
 from matsci_ray.train.resume import restore
@@ -76,12 +75,12 @@ def build_trainer(
         raise ConfigError(f"{config.data.root}/{task.dataset}: no train split")
     limit = config.data.max_train_samples
     cache = trainer.should_cache(config, splits["train"])
-    with block_order(config.data.preserve_order):
-        train = trainer.graph_dataset(config, task.dataset, "train", limit, shuffle_files=not cache)
-        if cache:
-            order = trainer.epoch_order(config, task.dataset)
-            train = trainer.cached_epochs(train, config.run.seed, order)
-        val = trainer.graph_dataset(config, task.dataset, config.data.val_split)
+    train = trainer.graph_dataset(config, task.dataset, "train", limit, shuffle_files=not cache)
+    if cache:
+        train = trainer.cached_epochs(
+            train, config.run.seed, trainer.epoch_order(config, task.dataset)
+        )
+    val = trainer.graph_dataset(config, task.dataset, config.data.val_split)
     size = min(splits["train"]["records"], limit or splits["train"]["records"])
     return TorchTrainer(
         generative_loop_per_worker,

@@ -79,7 +79,8 @@ def graph_dataset(
     """Rows of ``dataset``/``split`` (a seeded uniform sample of ``limit``) with radius-graph
     columns added in the stream. ``shuffle_files`` (default: for the train split) reads the
     files in each epoch's own order; a split that is cached is read once in manifest order,
-    and its epochs are ordered by :func:`cached_epochs`."""
+    and its epochs are ordered by :func:`cached_epochs`. The stream and every data set made
+    from it keep their blocks in plan order when ``data.preserve_order`` says so."""
     cpus = config.data.task_cpus
     root = config.data.root
     if shuffle_files is None:
@@ -87,13 +88,14 @@ def graph_dataset(
     shuffle = None
     if shuffle_files:
         shuffle = EpochFileShuffle(config.run.seed, order=epoch_order(config, dataset))
-    ds = open_dataset(root, dataset, split, needed_columns(config), cpus, shuffle_seed=shuffle)
-    if limit is not None:  # before the graphs: none is built for a row that is dropped
-        ds = sample_rows(ds, root, dataset, split, limit, config.run.seed, num_cpus=cpus)
     transform = RadiusGraphTransform(config.data.cutoff, config.data.max_neighbors)
     # pyarrow in and out: the numpy format would pickle nested list columns on the way back
     rows = graph_batch_rows(read_manifest(root, dataset)["splits"].get(split, {}))
-    return ds.map_batches(transform, batch_format="pyarrow", batch_size=rows, num_cpus=cpus)
+    with block_order(config.data.preserve_order):
+        ds = open_dataset(root, dataset, split, needed_columns(config), cpus, shuffle_seed=shuffle)
+        if limit is not None:  # before the graphs: none is built for a row that is dropped
+            ds = sample_rows(ds, root, dataset, split, limit, config.run.seed, num_cpus=cpus)
+        return ds.map_batches(transform, batch_format="pyarrow", batch_size=rows, num_cpus=cpus)
 
 
 def should_cache(config: ExperimentConfig, summary: dict[str, Any]) -> bool:
@@ -214,8 +216,7 @@ def build_trainer(
     splits_by_name = manifest_splits(config)
     config = with_data_elements(config, splits_by_name)
     summaries = train_summaries(config, splits_by_name)
-    with block_order(config.data.preserve_order):
-        datasets, sizes = run_datasets(config, splits_by_name, summaries)
+    datasets, sizes = run_datasets(config, splits_by_name, summaries)
     # the schedule's plan: global steps, of data.batch_size per worker at the largest size
     steps = epoch_batches(sizes, config.data.batch_size, config.run.max_workers)
     return TorchTrainer(
