@@ -55,12 +55,6 @@ class DataConfig(_Strict):
     max_neighbors: int | None = Field(None, gt=0)
     batch_size: int = Field(32, gt=0, description="structures per batch per worker")
     shuffle_buffer: int = Field(1024, ge=0, description="rows in the local shuffle buffer")
-    collate_ahead: int = Field(
-        2,
-        ge=0,
-        description="training batches collated ahead in a background thread while a step "
-        "runs (0: each in the training thread, between steps)",
-    )
     preserve_order: bool = Field(
         True,
         description="Ray Data hands out blocks in plan order, so the run seed alone fixes "

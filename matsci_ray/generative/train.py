@@ -37,7 +37,6 @@ from matsci_ray.train import loop, trainer
 from matsci_ray.train.batches import remaining_steps, train_batches
 from matsci_ray.train.checkpoint import check_resume
 from matsci_ray.train.entry import ShardedValidation, generative_loop_per_worker
-from matsci_ray.train.prefetch import ahead
 from matsci_ray.train.preflight import prepare_run
 from matsci_ray.train.resume import restore
 from matsci_ray.train.schedule import Schedule
@@ -181,20 +180,18 @@ def train_epoch(
         loop_config.get("order_file"),
     )
     skip = state.scheduler.steps_in_epoch  # > 0: resumed from a mid-epoch checkpoint
-    graphs = (collate(rows, [target], [dataset]) for rows in batches)  # in the background
-    with ahead(graphs, config.data.collate_ahead) as prefetched:
-        steps = itertools.islice(prefetched, skip, None)
-        for graph in itertools.islice(steps, remaining_steps(config, skip)):
-            batch = graph.to(state.device)
-            losses = state.model(batch)
-            state.optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            if config.optim.grad_clip:
-                nn.utils.clip_grad_norm_(state.core.parameters(), config.optim.grad_clip)
-            state.optimizer.step()
-            state.scheduler.step_batch()
-            _add(sums, losses, batch.num_graphs)
-            count += batch.num_graphs
+    steps = itertools.islice(batches, skip, None)
+    for rows in itertools.islice(steps, remaining_steps(config, skip)):
+        batch = collate(rows, [target], [dataset]).to(state.device)
+        losses = state.model(batch)
+        state.optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        if config.optim.grad_clip:
+            nn.utils.clip_grad_norm_(state.core.parameters(), config.optim.grad_clip)
+        state.optimizer.step()
+        state.scheduler.step_batch()
+        _add(sums, losses, batch.num_graphs)
+        count += batch.num_graphs
     elapsed = time.monotonic() - epoch_start
     metrics = {f"train/{k}": v / max(count, 1) for k, v in sums.items()}
     metrics["time/train_s"] = elapsed

@@ -66,7 +66,6 @@ from matsci_ray.train.ema import ExponentialMovingAverage
 from matsci_ray.train.metrics import MetricSums, score, task_losses
 from matsci_ray.train.pcgrad import pcgrad_backward
 from matsci_ray.train.precision import maybe_compile, set_matmul_precision, training_autocast
-from matsci_ray.train.prefetch import ahead
 from matsci_ray.train.resume import restore
 from matsci_ray.train.schedule import Schedule
 from matsci_ray.train.telemetry import Telemetry
@@ -271,22 +270,19 @@ def train_epoch(state: TrainState, data: EpochData) -> dict[str, float]:
     )
     # steps_in_epoch > 0: resumed from a mid-epoch checkpoint
     skip = state.scheduler.steps_in_epoch
-    # collated in a thread of its own while the previous step trains (collectives stay here)
-    graphs = (collate(rows, targets, core.datasets) for rows in batches)
-    with ahead(graphs, config.data.collate_ahead) as prefetched:
-        steps = itertools.islice(_steps(prefetched, state, skip), remaining_steps(config, skip))
-        for graph, counts in steps:
-            batch = graph.to(state.device)
-            waited += time.monotonic() - wait
-            first_batch = waited if first_batch is None else first_batch
-            preds, losses = _train_step(state, batch, counts)
-            if counts:
-                for name, loss in losses.items():
-                    sums.add_loss(name, float(loss.detach()), batch.num_graphs)
-                sums.update(preds, batch)
-                samples += batch.num_graphs
-            _maybe_checkpoint_step(state)
-            wait = time.monotonic()
+    steps = itertools.islice(_steps(batches, state, skip), remaining_steps(config, skip))
+    for rows, counts in steps:
+        batch = collate(rows, targets, core.datasets).to(state.device)
+        waited += time.monotonic() - wait
+        first_batch = waited if first_batch is None else first_batch
+        preds, losses = _train_step(state, batch, counts)
+        if counts:
+            for name, loss in losses.items():
+                sums.add_loss(name, float(loss.detach()), batch.num_graphs)
+            sums.update(preds, batch)
+            samples += batch.num_graphs
+        _maybe_checkpoint_step(state)
+        wait = time.monotonic()
     elapsed = time.monotonic() - epoch_start
     metrics = {
         **sums.compute("train/"),
@@ -302,8 +298,10 @@ def train_epoch(state: TrainState, data: EpochData) -> dict[str, float]:
     return metrics
 
 
-def _steps(batches: Iterator[Any], state: TrainState, skip: int) -> Iterator[tuple[Any, bool]]:
-    """The epoch's steps after the first ``skip`` (already trained): ``(batch, counts)``.
+def _steps(
+    batches: Iterator[dict[str, Any]], state: TrainState, skip: int
+) -> Iterator[tuple[dict[str, Any], bool]]:
+    """The epoch's steps after the first ``skip`` (already trained): ``(rows, counts)``.
 
     Row batches come in equal numbers on every worker. Atom batches do not: the workers'
     shards hold as many rows but not as many atoms. DDP (and PCGrad's all-reduce) needs every
