@@ -114,7 +114,12 @@ from ray import cloudpickle
 constants.ENABLE_RAY_CLUSTER = False  # the session's Ray is on loopback (matsci_ray.ray_env)
 ray.init(address=sys.argv[1])  # the data sets' plans hold object refs
 cloudpickle.loads(sys.stdin.buffer.read())
-loop = ("matsci_ray.train.loop", "matsci_ray.potential", "matsci_ray.generative.train")
+loop = (
+    "matsci_ray.train.loop",
+    "matsci_ray.train.worker",
+    "matsci_ray.potential",
+    "matsci_ray.generative.train",
+)
 print(sorted({"torch_geometric" if m.startswith("torch_geometric") else m for m in sys.modules
               if m.startswith("torch_geometric") or m in loop
               or m.startswith("matsci_ray.models.") and m != "matsci_ray.models.registry"}))

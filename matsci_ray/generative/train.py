@@ -41,6 +41,7 @@ from matsci_ray.train.preflight import prepare_run
 from matsci_ray.train.resume import restore
 from matsci_ray.train.schedule import Schedule
 from matsci_ray.train.telemetry import Telemetry
+from matsci_ray.train.worker import TrainState, worker_batch_size
 
 VAL_LOSS = "val/loss"
 
@@ -109,7 +110,7 @@ def build_trainer(
     )
 
 
-def start(loop_config: dict[str, Any]) -> loop.TrainState:
+def start(loop_config: dict[str, Any]) -> TrainState:
     """This worker's model, objective (DDP-wrapped), optimiser and schedule, restored from the
     checkpoint it continues if any (the predictive loop's rules)."""
     config = ExperimentConfig.model_validate(loop_config["experiment"])
@@ -123,7 +124,7 @@ def start(loop_config: dict[str, Any]) -> loop.TrainState:
         model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay
     )
     world = ctx.get_world_size()
-    state = loop.TrainState(
+    state = TrainState(
         config=config,
         core=model,  # type: ignore[arg-type]  # the loop's helpers only use nn.Module's API
         model=model,
@@ -132,7 +133,7 @@ def start(loop_config: dict[str, Any]) -> loop.TrainState:
         rank=ctx.get_world_rank(),
         world=world,
         device=ray.train.torch.get_device(),
-        batch_size=loop.worker_batch_size(config, world),
+        batch_size=worker_batch_size(config, world),
     )
     restore(state, loop_config)
     objective = Objective(model, TASKS[config.tasks[0]].target)
@@ -162,7 +163,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 def train_epoch(
-    state: loop.TrainState, shards: dict[str, Any], loop_config: dict[str, Any]
+    state: TrainState, shards: dict[str, Any], loop_config: dict[str, Any]
 ) -> dict[str, float]:
     config, dataset = state.config, next(iter(shards))
     target = TASKS[config.tasks[0]].target
@@ -200,7 +201,7 @@ def train_epoch(
 
 
 @torch.no_grad()
-def validate(state: loop.TrainState, shard: Any) -> dict[str, float]:
+def validate(state: TrainState, shard: Any) -> dict[str, float]:
     """The objective's terms and the property's squared error, per structure, all-reduced
     over the workers (each scores its own shard, which may be empty)."""
     config, model = state.config, state.core
@@ -241,7 +242,7 @@ def _all_reduce(sums: dict[str, float], device: torch.device) -> dict[str, float
     return dict(zip(keys, values.tolist(), strict=True))
 
 
-def report(state: loop.TrainState, metrics: dict[str, float]) -> None:
+def report(state: TrainState, metrics: dict[str, float]) -> None:
     """Metrics to Ray Train, with rank 0's generative checkpoint."""
     with tempfile.TemporaryDirectory() as directory:
         saved = None

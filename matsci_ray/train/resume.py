@@ -17,7 +17,7 @@ from matsci_ray.train.checkpoint import load_training_state, read_checkpoint
 from matsci_ray.train.telemetry import HISTORY
 
 if TYPE_CHECKING:
-    from matsci_ray.train.loop import TrainState
+    from matsci_ray.train.worker import TrainState
 
 
 def restore(state: TrainState, loop_config: dict[str, Any]) -> dict[str, Any] | None:
