@@ -1,53 +1,20 @@
-"""The one config system: typed, validated YAML (pydantic models, unknown keys refused).
-
-A config file is an :class:`ExperimentConfig`; every job, CLI verb and Tune trial reads one.
-Relative paths are resolved against the working directory of the command that loads it.
-"""
+"""``ExperimentConfig``: one experiment (data, model, loss, optimiser, run), and loading one
+from YAML with ``--set`` overrides."""
 
 from __future__ import annotations
 
-import difflib
-import functools
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Any, Literal
 
-import yaml
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    GetJsonSchemaHandler,
-    Strict,
-    StrictInt,
-    ValidationError,
-    ValidationInfo,
-    create_model,
-    field_validator,
-    model_validator,
-)
-from pydantic.json_schema import JsonSchemaValue
-from pydantic_core import CoreSchema, InitErrorDetails, PydanticCustomError
+from pydantic import Field, StrictInt, ValidationInfo, field_validator
 
-from matsci_ray.errors import ConfigError
-from matsci_ray.models import (
-    MODELS,
-    SET_BY_BUILDER,
-    encoder_class,
-    encoder_signature,
-)
+from matsci_ray.config.base import StrictModel, read_yaml, validate
+from matsci_ray.config.model import ModelConfig
 from matsci_ray.storage import LocationField, resolve
 from matsci_ray.tasks.registry import TASKS, ForceLoss
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False)
-
-
-_M = TypeVar("_M", bound=BaseModel)
-
-
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     root: LocationField = Field(
         description="ingest output directory or URI (holds <dataset>/manifest.json)"
     )
@@ -105,89 +72,7 @@ class DataConfig(_Strict):
     )
 
 
-def _registered_model(name: str) -> str:
-    """A registered model whose encoder imports and agrees with its registry entry: checked
-    here, at load time, so a bad plugin fails before Ray or any worker starts."""
-    if name not in MODELS:
-        raise PydanticCustomError("model_name", MODELS.unknown(name))  # no context: verbatim
-    try:
-        encoder_class(name)
-    except ConfigError as error:
-        raise PydanticCustomError("model_name", str(error)) from None
-    return name
-
-
-class _RegisteredModels:
-    """The JSON schema of a model name lists the registry's names, read when it is made."""
-
-    def __get_pydantic_json_schema__(
-        self, schema: CoreSchema, handler: GetJsonSchemaHandler
-    ) -> JsonSchemaValue:
-        return {**handler(schema), "enum": MODELS.names()}
-
-
-ModelName = Annotated[str, AfterValidator(_registered_model), _RegisteredModels()]
-
-
-class ModelConfig(_Strict):
-    name: ModelName = Field("egnn", description="a registered encoder")
-    params: dict[str, Any] = Field(default_factory=dict, description="encoder keyword arguments")
-    head_hidden: int = Field(128, gt=0)
-
-    @field_validator("params")
-    @classmethod
-    def _encoder_params(cls, params: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        """``params`` checked against the encoder's keyword arguments and their types here, at
-        load time: otherwise a typo fails inside a Ray Train worker, after its start-up."""
-        name = info.data.get("name")
-        return params if name is None else check_encoder_params(name, params)
-
-
-def _annotation(hint: Any) -> Any:
-    """An encoder argument's annotation as pydantic checks it, strictly (``true`` is not an
-    int, ``1`` not a bool), except that a float also accepts a number YAML read as a string
-    (``1e-3``, without a dot) or an int."""
-    return Annotated[float, Strict(False)] if hint is float else hint
-
-
-@functools.cache
-def _params_model(name: str) -> type[BaseModel]:
-    fields: dict[str, Any] = {
-        p.name: (_annotation(p.annotation), ... if p.required else p.default)
-        for p in encoder_signature(name)
-        if p.name not in SET_BY_BUILDER
-    }
-    strict = ConfigDict(extra="forbid", strict=True, arbitrary_types_allowed=True)
-    return create_model(f"{name}_params", __config__=strict, **fields)
-
-
-def check_encoder_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
-    """``params`` validated for encoder ``name`` (values converted to the annotated types).
-
-    Raises pydantic's ``ValidationError`` located at the parameter, so the config error names
-    ``model.params.<key>``: an unknown key with the closest known one, a key the builder sets
-    itself (``cutoff`` comes from ``data.cutoff``), or a value of the wrong type.
-    """
-    model = _params_model(name)
-    known = list(model.model_fields)
-    unknown: list[InitErrorDetails] = []
-    for key, value in params.items():
-        if key in SET_BY_BUILDER:
-            message = f"set by {SET_BY_BUILDER[key]}; remove it here"
-        elif key not in model.model_fields:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f"did you mean {close[0]}?" if close else f"{name} takes {', '.join(known)}"
-            message = f"{name} has no parameter {key!r}; {hint}"
-        else:
-            continue
-        error = PydanticCustomError("encoder_param", message)  # no context: taken verbatim
-        unknown.append({"type": error, "loc": (key,), "input": value})
-    if unknown:
-        raise ValidationError.from_exception_data("params", unknown)
-    return model.model_validate(params).model_dump(exclude_unset=True)
-
-
-class LossConfig(_Strict):
+class LossConfig(StrictModel):
     energy_weight: float = Field(1.0, ge=0, description="energy term of force tasks")
     force_weight: float | None = Field(
         None, ge=0, description="force term of force tasks; default: each task's own"
@@ -209,7 +94,7 @@ class LossConfig(_Strict):
     combine: Literal["additive", "pcgrad"] = "additive"
 
 
-class OptimConfig(_Strict):
+class OptimConfig(StrictModel):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     epochs: int = Field(20, gt=0)
@@ -264,7 +149,7 @@ class OptimConfig(_Strict):
         return patience
 
 
-class RunConfig(_Strict):
+class RunConfig(StrictModel):
     num_workers: StrictInt | tuple[StrictInt, StrictInt] = Field(
         2,
         description="Ray Train workers: N (a fixed size; a lost worker is waited for), or "
@@ -358,7 +243,7 @@ class RunConfig(_Strict):
         return not isinstance(self.num_workers, int)
 
 
-class ExperimentConfig(_Strict):
+class ExperimentConfig(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
     tasks: list[str] = Field(min_length=1)
     data: DataConfig
@@ -383,38 +268,7 @@ class ExperimentConfig(_Strict):
         return list(dict.fromkeys(TASKS[t].dataset for t in self.tasks))
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    return raw
-
-
-def _validate(model: type[_M], raw: dict[str, Any], path: Path) -> _M:
-    try:
-        return model.model_validate(raw)
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"{path}: {where}: {first['msg']}{_given(first)}") from None
-
-
-def _given(error: Any) -> str:
-    """`` (got 'big')`` after a message on a scalar value of the wrong type or range."""
-    value = error.get("input")
-    if error["type"] in ("encoder_param", "model_name", "extra_forbidden", "missing"):
-        return ""
-    if isinstance(value, str | int | float | bool) and len(repr(value)) <= 60:
-        return f" (got {value!r})"
-    return ""
-
-
-def _resolve_paths(config: ExperimentConfig) -> None:
+def resolve_paths(config: ExperimentConfig) -> None:
     config.data.root = resolve(config.data.root)
     config.run.storage = resolve(config.run.storage)
 
@@ -422,15 +276,15 @@ def _resolve_paths(config: ExperimentConfig) -> None:
 def load_config(path: Path | str, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
     """Read and validate a YAML config; ``overrides`` are dotted keys (``optim.lr``)."""
     path = Path(path)
-    raw = _read_yaml(path)
+    raw = read_yaml(path)
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
-    config = _validate(ExperimentConfig, raw, path)
-    _resolve_paths(config)
+    config = validate(ExperimentConfig, raw, path)
+    resolve_paths(config)
     return config
 
 
@@ -440,78 +294,3 @@ def dump_config(config: ExperimentConfig) -> dict[str, Any]:
 
 
 # --- studies: families of experiments run as Ray Tune experiments --------------------------
-
-
-class SweepConfig(_Strict):
-    """Optuna search with ASHA early stopping over learning rate, width, depth and cutoff."""
-
-    num_samples: int = Field(8, gt=0)
-    lr: tuple[float, float] = (1e-4, 3e-3)
-    width: list[int] = Field(default_factory=lambda: [64, 128, 256])
-    depth: list[int] = Field(default_factory=lambda: [2, 3, 4])
-    cutoff: tuple[float, float] = (4.0, 7.0)
-    grace_period: int = Field(1, gt=0, description="epochs before ASHA may stop a trial")
-    reduction_factor: int = Field(2, gt=1)
-
-
-class StudyConfig(_Strict):
-    """A family of experiments (the paper's Tables 3–5, or a sweep) over one base config.
-
-    ``base`` is a full experiment; each trial replaces its tasks, model and loss combination.
-    """
-
-    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
-    family: Literal["single-task", "task-pair", "dataset-pair", "sweep"]
-    base: ExperimentConfig
-    models: list[ModelName] = Field(default_factory=lambda: ["egnn"], min_length=1)
-    tasks: list[str] | None = Field(None, description="single-task: rows (default: all 13)")
-    task_pairs: list[tuple[str, str]] | None = Field(None, description="default: MP pairs")
-    combine: list[Literal["additive", "pcgrad"]] = Field(
-        default_factory=lambda: ["additive", "pcgrad"]
-    )
-    dataset_pairs: list[tuple[str, str]] | None = Field(None, description="default: 4 pairs")
-    sweep: SweepConfig = Field(default_factory=SweepConfig)
-    max_concurrent_trials: int = Field(1, gt=0)
-    seeds: list[StrictInt] | None = Field(
-        None,
-        min_length=1,
-        description="run seeds: every cell of a grid is trained once per seed (its trials' "
-        "mean, sd and n fill the tables); default [base.run.seed]. A sweep takes one seed",
-    )
-
-    @field_validator("tasks")
-    @classmethod
-    def _known(cls, tasks: list[str] | None) -> list[str] | None:
-        unknown = [t for t in tasks or [] if t not in TASKS]
-        if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; choose from {sorted(TASKS)}")
-        return tasks
-
-    @field_validator("seeds")
-    @classmethod
-    def _distinct(cls, seeds: list[int] | None, info: ValidationInfo) -> list[int] | None:
-        listed = seeds or []
-        repeated = sorted({s for s in listed if listed.count(s) > 1})
-        if repeated:  # a repeated seed would be the same run twice, under one run name
-            raise ValueError(f"seed(s) {repeated} listed twice")
-        # Optuna samples each point once: repeating points per seed would need a searcher
-        # of its own, so a sweep's seed spread is measured by running it again
-        if info.data.get("family") == "sweep" and len(listed) > 1:
-            raise ValueError("a sweep takes one seed; run it again for another")
-        return seeds
-
-    @model_validator(mode="after")
-    def _default_seed(self) -> StudyConfig:
-        if self.seeds is None:
-            self.seeds = [self.base.run.seed]
-        elif self.family == "sweep":  # its trials and its searcher run with the one seed
-            self.base.run.seed = self.seeds[0]
-        return self
-
-
-def load_study(path: Path | str) -> StudyConfig:
-    """Read and validate a study YAML (``base`` is an experiment config)."""
-    path = Path(path)
-    study = _validate(StudyConfig, _read_yaml(path), path)
-    _resolve_paths(study.base)
-    return study
