@@ -156,18 +156,25 @@ def _finish_in_reverse(batch: dict) -> dict:
 def test_block_order_keeps_plan_order_and_restores_the_context() -> None:
     """What made one seed's run differ from the same seed's run: a ``materialize`` (the
     cached graphs) stores blocks in the order their tasks finish, so the seeded epoch
-    permutation acts on a different list each run. Under ``block_order(True)`` (the
-    trainer's, ``data.preserve_order``) they stay in plan order however the tasks finish
-    (later ones first here); the driver's context is left as it was."""
+    permutation acts on a different list each run. A data set made under
+    ``block_order(True)`` (the trainer's, ``data.preserve_order``) carries the setting in its
+    own context, and one made under ``block_order(False)`` does not, whatever the driver's;
+    its blocks stay in plan order though its tasks are made to finish in reverse (whether
+    they do depends on how many Ray runs at once: in a standalone 2-CPU Ray they did). The
+    driver's context is left as it was."""
     import ray.data
 
     from matsci_ray.train.data_order import block_order
 
     options = ray.data.DataContext.get_current().execution_options
     before = options.preserve_order
+    with block_order(False):
+        unordered = ray.data.range(64, override_num_blocks=8)
     with block_order(True):
         ds = ray.data.range(64, override_num_blocks=8)
         ds = ds.map_batches(_finish_in_reverse, batch_size=None, num_cpus=0.25)
+    assert ds.context.execution_options.preserve_order
+    assert not unordered.context.execution_options.preserve_order
     firsts = [int(batch["id"][0]) for batch in ds.materialize().iter_batches(batch_size=None)]
     assert firsts == list(range(0, 64, 8))
     assert options.preserve_order == before
