@@ -158,10 +158,11 @@ def test_training_job_succeeds_and_exports_metrics(
 
 
 def test_sweep_job_succeeds(head: Head, mp_root: Path, tmp_path: Path) -> None:
+    """The sweep entrypoint as a job, one trial (test_demo samples two with Optuna)."""
     study = {
         "name": "job-sweep",
         "family": "sweep",
-        "sweep": {"num_samples": 2, "lr": [1e-3, 3e-3], "width": [8, 16], "depth": [1],
+        "sweep": {"num_samples": 1, "lr": [1e-3, 3e-3], "width": [8, 16], "depth": [1],
                   "cutoff": [4.0, 5.0], "grace_period": 1},
         "base": _experiment(mp_root, tmp_path / "studies", epochs=2),
     }  # fmt: skip
@@ -174,4 +175,5 @@ def test_sweep_job_succeeds(head: Head, mp_root: Path, tmp_path: Path) -> None:
         for x in (tmp_path / "studies/job-sweep/trials.jsonl").read_text().split("\n")
         if x
     ]
-    assert len(trials) == 2 and all(t["error"] is None for t in trials)
+    assert len(trials) == 1 and trials[0]["error"] is None
+    assert trials[0]["metrics"]["epoch"] == 2
