@@ -1,5 +1,7 @@
-"""``matsci-ray train --resume``: a run stopped after epoch k continues at k+1 with the
-optimiser, schedule and data order it had, and ends where an uninterrupted run ends."""
+"""``matsci-ray train --resume`` and restarts: a run stopped after epoch k, or mid-epoch at a
+``run.checkpoint_every_steps`` checkpoint, continues with the optimiser, schedule and data
+order it had (skipping the batches its epoch already trained), and ends where an
+uninterrupted run ends."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import yaml
 
 from matsci_ray.cli.main import main
 from matsci_ray.config import ExperimentConfig
-from matsci_ray.train.checkpoint import checkpoint_epoch
+from matsci_ray.train.checkpoint import checkpoint_epoch, read_checkpoint
 from matsci_ray.train.telemetry import read_history
 from tests.samples import TINY_EGNN
 
@@ -72,13 +74,36 @@ def _stop_after_epoch_2(raw: dict) -> Path:
     return _checkpoint_at(run_dir, 2)
 
 
+STEPS_PER_EPOCH = 4  # 64 rows / batch 16, one worker
+
+
+def _stop_at_step_6(raw: dict) -> Path:
+    """Run ``raw`` so that it dies after reporting its step-6 checkpoint (2 steps into epoch
+    2), with no retry: that mid-epoch checkpoint."""
+    from matsci_ray.train.trainer import build_trainer
+
+    config = _config({**raw, "run": {**raw["run"], "fail_at_step": 6, "max_failures": 0}})
+    with pytest.raises(Exception):  # noqa: B017 - Ray Train's failure wrapper, whatever its type
+        build_trainer(config).fit()
+    run_dir = config.run.storage / config.name
+    (mid,) = [
+        p for p in run_dir.glob("checkpoint_*/") if read_checkpoint(p)["scheduler"]["steps"] == 6
+    ]
+    state = read_checkpoint(mid)
+    assert state["epoch"] == 1 and state["scheduler"]["epoch_start"] == STEPS_PER_EPOCH
+    return mid
+
+
 @pytest.mark.slow
-def test_resumed_run_ends_where_an_uninterrupted_run_ends(
+def test_continued_runs_end_where_an_uninterrupted_run_ends(
     data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """3 epochs in one go against 2 epochs, a crash, and ``resume_from`` the epoch-2
-    checkpoint under a new name: same epochs, same final lr, same validation error. The same
-    holds for a worker that dies and is restarted by ``FailureConfig`` within one run."""
+    """3 epochs (12 steps, a checkpoint every 3) in one go, against: ``resume_from`` the
+    epoch-2 checkpoint of a run that crashed as epoch 3 started; ``resume_from`` the step-6
+    checkpoint (2 steps into epoch 2) of a run that crashed there; and a worker that dies
+    after that checkpoint and is restarted by ``FailureConfig`` within its run. All end at
+    step 12 with the same lr and validation error, their histories holding epochs 1-3 once.
+    (One uninterrupted run serves all three: checkpoints do not change the arithmetic.)"""
     from matsci_ray.train import trainer
     from matsci_ray.train.trainer import build_trainer
 
@@ -86,28 +111,29 @@ def test_resumed_run_ends_where_an_uninterrupted_run_ends(
     # default the 64 sampled rows are one block, and the order would not be tested)
     monkeypatch.setattr(trainer, "CACHE_BLOCK_ROWS", 8)
     storage = tmp_path / "runs"
-    full = build_trainer(_config(_raw(data_root, storage, "full"))).fit()
-    checkpoint = _stop_after_epoch_2(_raw(data_root, storage, "stopped"))
 
-    resumed_config = _config(_raw(data_root, storage, "resumed"))
-    resumed = build_trainer(resumed_config, resume_from=checkpoint).fit()
+    def raw(name: str, **run: object) -> dict:
+        return _raw(data_root, storage, name, checkpoint_every_steps=3, **run)
 
-    assert resumed.metrics["epoch"] == full.metrics["epoch"] == 3
-    assert resumed.metrics["lr"] == pytest.approx(full.metrics["lr"], rel=1e-12)
-    # one worker, blocks in plan order (data.preserve_order), one thread: the same
-    # arithmetic in the same order
-    assert resumed.metrics[METRIC] == pytest.approx(full.metrics[METRIC], rel=1e-6)
-    history = read_history(storage / "resumed")
-    assert [row["epoch"] for row in history] == [1, 2, 3]  # epochs 1-2 carried over, once
-    lines = (storage / "resumed" / "history.jsonl").read_text().splitlines()
-    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
-
-    restarted_config = _config(_raw(data_root, storage, "restarted", fail_at_epoch=2))
-    restarted = build_trainer(restarted_config).fit()
-    assert (storage / "restarted" / ".failed-at-2").exists()  # the worker did die
-    assert restarted.metrics["epoch"] == 3
-    assert restarted.metrics["lr"] == pytest.approx(full.metrics["lr"], rel=1e-12)
-    assert restarted.metrics[METRIC] == pytest.approx(full.metrics[METRIC], rel=1e-6)
+    full = build_trainer(_config(raw("full"))).fit()
+    assert full.metrics["step"] == 3 * STEPS_PER_EPOCH
+    after_epoch_2 = _stop_after_epoch_2(raw("stopped"))
+    mid_epoch_2 = _stop_at_step_6(raw("stopped-mid"))
+    continued = {
+        "resumed": build_trainer(_config(raw("resumed")), resume_from=after_epoch_2).fit(),
+        "resumed-mid": build_trainer(_config(raw("resumed-mid")), resume_from=mid_epoch_2).fit(),
+        "restarted": build_trainer(_config(raw("restarted", fail_at_step=6, max_failures=1))).fit(),
+    }
+    assert (storage / "restarted" / ".failed-at-step-6").exists()  # the worker did die
+    for name, run in continued.items():
+        assert run.metrics["epoch"] == 3 and run.metrics["step"] == full.metrics["step"], name
+        assert run.metrics["lr"] == pytest.approx(full.metrics["lr"], rel=1e-12), name
+        # one worker, blocks in plan order (data.preserve_order), one thread, the trained
+        # batches skipped: the same arithmetic in the same order
+        assert run.metrics[METRIC] == pytest.approx(full.metrics[METRIC], rel=1e-6), name
+        assert [row["epoch"] for row in read_history(storage / name)] == [1, 2, 3], name
+        lines = (storage / name / "history.jsonl").read_text().splitlines()
+        assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3], name  # each once
 
 
 def test_data_order_is_the_epochs_own(tmp_path: Path) -> None:

@@ -293,3 +293,29 @@ def test_max_steps_per_epoch_caps_the_plan() -> None:
         {"name": "c", "tasks": ["mp-band-gap"], "data": {"root": "/d"}, "optim": optim.model_dump()}
     )
     assert [remaining_steps(config, taken) for taken in (0, 2, 3)] == [3, 1, 0]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_local")
+def test_epochs_end_after_max_steps_per_epoch(data_root: Path, tmp_path: Path) -> None:
+    """Two workers streaming their splits (no cache, no sample): each epoch stops after 2
+    steps, all workers together, and the next epoch starts a new pass (Ray's split
+    coordinator restarts once every worker asks again); the cosine plan is 3 x 2 steps,
+    so the last step reaches the floor lr."""
+    from matsci_ray.train.schedule import MIN_LR_FRACTION
+    from matsci_ray.train.telemetry import read_history
+    from matsci_ray.train.trainer import build_trainer
+    from tests.test_resume import _raw as resume_run
+
+    raw = resume_run(data_root, tmp_path / "runs", "capped", num_workers=2, cpus_per_worker=0.4)
+    raw["data"] = {**raw["data"], "batch_size": 4, "max_train_samples": None}
+    raw["data"]["cache_graphs"] = "never"
+    raw["optim"]["max_steps_per_epoch"] = 2
+    result = build_trainer(ExperimentConfig.model_validate(raw)).fit()
+    history = read_history(tmp_path / "runs" / "capped")
+    assert [(row["epoch"], row["step"], row["workers"]) for row in history] == [
+        (1, 2, 2),
+        (2, 4, 2),
+        (3, 6, 2),
+    ]
+    assert result.metrics["lr"] == pytest.approx(MIN_LR_FRACTION * raw["optim"]["lr"])
