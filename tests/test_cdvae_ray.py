@@ -64,9 +64,9 @@ def test_train_generate_reconstruct(
 
 
 def test_cdvae_sweeps_on_ray_tune_like_every_family(samples: Path, tmp_path: Path) -> None:
-    """A 2-trial Optuna sweep of CDVAE (width, depth, cutoff, learning rate): every trial
-    trains through the generative loop, reports its objective's terms and the property's
-    error, and the study records both trials."""
+    """A 1-trial Optuna sweep of CDVAE (width, depth, cutoff, learning rate; test_demo shows
+    Optuna sampling two): the trial trains through the generative loop, reports its
+    objective's terms and the property's error, and the study records it."""
     import json
 
     from matsci_ray.config import StudyConfig
@@ -81,7 +81,7 @@ def test_cdvae_sweeps_on_ray_tune_like_every_family(samples: Path, tmp_path: Pat
             "models": ["cdvae"],
             "family": "sweep",
             "sweep": {
-                "num_samples": 2,
+                "num_samples": 1,
                 "lr": [1e-3, 3e-3],
                 "width": [8, 16],
                 "depth": [1],
@@ -104,10 +104,8 @@ def test_cdvae_sweeps_on_ray_tune_like_every_family(samples: Path, tmp_path: Pat
         }
     )
     lines = Path(run_study(study)).read_text().splitlines()
-    trials = [json.loads(line) for line in lines if line]
-    assert len(trials) == 2 and len({t["params"]["lr"] for t in trials}) == 2
-    for trial in trials:
-        assert trial["error"] is None
-        metrics = trial["metrics"]
-        assert math.isfinite(metrics["val/perov5-formation-energy/mse"])
-        assert math.isfinite(metrics["val/coord"]) and math.isfinite(metrics["val/loss"])
+    (trial,) = [json.loads(line) for line in lines if line]
+    assert trial["error"] is None and 1e-3 <= trial["params"]["lr"] <= 3e-3
+    metrics = trial["metrics"]
+    assert math.isfinite(metrics["val/perov5-formation-energy/mse"])
+    assert math.isfinite(metrics["val/coord"]) and math.isfinite(metrics["val/loss"])
