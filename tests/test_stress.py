@@ -1,5 +1,6 @@
-"""Stress end to end: the canonical column, the strain derivative of every encoder's energy,
-the loss and metric, the calculator and a cell relaxation.
+"""Stress end to end: the canonical column, the loss and metric, training on Ray, the
+calculator and a cell relaxation (each encoder's strain derivative:
+tests/test_stress_derivative.py).
 
 The physics reference is ASE's EMT: strained, rattled 4-atom Cu cells with EMT energies,
 forces and stresses are written to extxyz, ingested by the ``generic`` source on a real local
@@ -21,7 +22,6 @@ import torch
 from ase import Atoms
 from ase.build import bulk
 from ase.calculators.calculator import PropertyNotImplementedError
-from ase.calculators.emt import EMT
 from ase.filters import FrechetCellFilter
 from ase.optimize import FIRE
 
@@ -33,12 +33,10 @@ from matsci_ray.data.manifest import read_manifest
 from matsci_ray.data.record import Record
 from matsci_ray.data.shards import IngestOptions
 from matsci_ray.data.stats import SplitStats
-from matsci_ray.data.units import matrix_from_voigt
 from matsci_ray.data.validate import check_record
 from matsci_ray.graphs.batching import RadiusGraphTransform, rows_to_pyg_batch
 from matsci_ray.graphs.collate import batch_targets, collate
 from matsci_ray.inference import MatSciCalculator, atoms_to_columns
-from matsci_ray.models import model_names
 from matsci_ray.potential import MatSciModel
 from matsci_ray.tasks.registry import TASKS
 from matsci_ray.train.checkpoint import FILENAME, load_model, save_checkpoint
@@ -46,7 +44,8 @@ from matsci_ray.train.metrics import MetricSums, task_losses
 from matsci_ray.train.telemetry import read_history
 from matsci_ray.train.trainer import build_trainer
 from tests.samples import TINY_EGNN
-from tests.test_encoder_contract import ENERGY, crystals, small_encoder, to_batch, with_heads
+from tests.strain import VOIGT, emt_cells, strain_derivative
+from tests.test_encoder_contract import crystals
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -55,123 +54,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 DATASET = "lips"
 TASK = "lips-forces"
 CUTOFF = 4.0
-VOIGT = ([0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1])
-
-
-# --- helpers ------------------------------------------------------------------------------------
-
-
-def strain_derivative(energy_of, volume: float | np.ndarray, h: float) -> np.ndarray:
-    """``(1/V) ∂E/∂ε_ij``, ``(..., 3, 3)``, by central differences, each ``ε`` one entry (not
-    symmetrised) applied as ``r → r (I + ε)`` to positions and cell rows.
-    ``energy_of(deformation)`` gives the energy of the deformed structure, or an array of
-    energies of several structures deformed alike (each with its ``volume``)."""
-    columns = []
-    for i, j in np.ndindex(3, 3):
-        energies = []
-        for sign in (1.0, -1.0):
-            deformation = np.eye(3)
-            deformation[i, j] += sign * h
-            energies.append(np.asarray(energy_of(deformation)))
-        columns.append((energies[0] - energies[1]) / (2 * h))
-    derivative = np.stack(columns, axis=-1).reshape(*np.shape(columns[0]), 3, 3)
-    return derivative / np.asarray(volume)[..., None, None]
-
-
-def emt_cells(count: int, seed: int) -> list[Atoms]:
-    """Cubic 4-atom Cu cells, strained by up to 4 % (shear included) and rattled, with EMT
-    energies, forces and stresses attached."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(count):
-        atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
-        strain = rng.uniform(-0.04, 0.04, (3, 3))
-        atoms.set_cell(atoms.cell.array @ (np.eye(3) + 0.5 * (strain + strain.T)), True)
-        atoms.positions += rng.normal(0.0, 0.05, atoms.positions.shape)
-        atoms.calc = EMT()
-        atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()
-        out.append(atoms)
-    return out
-
-
-# --- the strain derivative, for every encoder --------------------------------------------------
-
-
-def test_the_finite_difference_is_ases_stress() -> None:
-    """The derivative the models are checked against is ASE's stress (sign and order)."""
-    atoms = emt_cells(1, seed=5)[0]
-    reference = atoms.get_stress()
-
-    def energy_of(deformation: np.ndarray) -> float:
-        other = atoms.copy()
-        other.set_cell(atoms.cell.array @ deformation, scale_atoms=True)
-        other.calc = EMT()
-        return other.get_potential_energy()
-
-    numeric = strain_derivative(energy_of, atoms.get_volume(), 1e-5)[VOIGT]
-    np.testing.assert_allclose(numeric, reference, rtol=1e-6, atol=1e-9)
-
-
-@pytest.mark.parametrize("name", model_names())
-def test_stress_is_the_strain_derivative_of_the_energy(name: str) -> None:
-    """float64: every Voigt component of every structure equals (1/V) ∂E/∂ε by central
-    differences on the same graph, and ∂E/∂ε_ij = ∂E/∂ε_ji (a symmetric stress)."""
-    model = with_heads(small_encoder(name))
-    batch = to_batch(crystals())
-    stress = model(batch, stress=True)[ENERGY][K.STRESS].detach()
-    assert stress.shape == (batch.num_graphs, 6) and stress.dtype == torch.float64
-    largest = stress.abs().max().item()
-    assert largest > 1e-9  # not a vacuous comparison
-
-    def energy_of(deformation: np.ndarray) -> np.ndarray:
-        """Every structure of the batch deformed alike, on the same graph."""
-        f = torch.from_numpy(deformation)
-        deformed = batch.clone()
-        deformed.pos, deformed.cell = batch.pos.detach() @ f, batch.cell @ f
-        with torch.no_grad():
-            return model(deformed, forces=False)[ENERGY]["value"].numpy()
-
-    volume = torch.linalg.det(batch.cell).abs().numpy()
-    derivative = strain_derivative(energy_of, volume, 1e-4)
-    tolerance = {"rtol": 1e-4, "atol": 1e-4 * largest}
-    np.testing.assert_allclose(derivative, derivative.transpose(0, 2, 1), **tolerance)
-    np.testing.assert_allclose(stress.numpy(), derivative[:, VOIGT[0], VOIGT[1]], **tolerance)
-
-
-@pytest.mark.parametrize("name", model_names())
-def test_stress_leaves_energy_and_forces_unchanged(name: str) -> None:
-    model = with_heads(small_encoder(name))
-    batch = to_batch(crystals())
-    plain = model(batch, forces=True, stress=False)[ENERGY]
-    stressed = model(batch, forces=True, stress=True)[ENERGY]
-    assert K.STRESS not in plain
-    torch.testing.assert_close(stressed["value"], plain["value"])
-    torch.testing.assert_close(stressed["forces"], plain["forces"])
-    assert batch.pos.shape == plain["forces"].shape  # the caller's batch is not strained
-
-
-def test_a_structure_without_a_cell_has_no_stress() -> None:
-    model = with_heads(small_encoder("egnn"))
-    molecule = Atoms("H2O", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]], pbc=False)
-    batch = to_batch([molecule, crystals()[0]])
-    pred = model(batch, stress=True)[ENERGY]
-    assert torch.isnan(pred[K.STRESS][0]).all() and torch.isfinite(pred[K.STRESS][1]).all()
-    assert torch.isfinite(pred["forces"]).all()
-
-
-def test_stress_rotates_as_a_tensor() -> None:
-    model = with_heads(small_encoder("gala"))
-    atoms = crystals()[2]
-    rotation = np.linalg.qr(np.random.default_rng(4).normal(size=(3, 3)))[0]
-    rotated = atoms.copy()
-    rotated.set_cell(atoms.cell.array @ rotation.T, scale_atoms=False)
-    rotated.positions = atoms.positions @ rotation.T
-    stresses = [
-        model(to_batch([a]), stress=True)[ENERGY][K.STRESS][0].detach().numpy()
-        for a in (atoms, rotated)
-    ]
-    want = rotation @ matrix_from_voigt(stresses[0]) @ rotation.T
-    np.testing.assert_allclose(matrix_from_voigt(stresses[1]), want, atol=1e-5 * abs(want).max())
 
 
 # --- the column: validation and batching -------------------------------------------------------
