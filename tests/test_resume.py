@@ -77,30 +77,33 @@ def _stop_after_epoch_2(raw: dict) -> Path:
 STEPS_PER_EPOCH = 4  # 64 rows / batch 16, one worker
 
 
-def _stop_at_step_6(raw: dict) -> Path:
+def _stop_at_step_6(raw: dict) -> tuple[Path, Path]:
     """Run ``raw`` so that it dies after reporting its step-6 checkpoint (2 steps into epoch
-    2), with no retry: that mid-epoch checkpoint."""
+    2), with no retry: its checkpoints of epoch 1's end (kept as the best scored) and of step
+    6 (kept as the latest)."""
     from matsci_ray.train.trainer import build_trainer
 
     config = _config({**raw, "run": {**raw["run"], "fail_at_step": 6, "max_failures": 0}})
     with pytest.raises(Exception):  # noqa: B017 - Ray Train's failure wrapper, whatever its type
         build_trainer(config).fit()
-    run_dir = config.run.storage / config.name
-    (mid,) = [
-        p for p in run_dir.glob("checkpoint_*/") if read_checkpoint(p)["scheduler"]["steps"] == 6
-    ]
+    by_step = {
+        read_checkpoint(p)["scheduler"]["steps"]: p
+        for p in (config.run.storage / config.name).glob("checkpoint_*/")
+    }
+    epoch_end, mid = by_step[STEPS_PER_EPOCH], by_step[6]
+    assert checkpoint_epoch(epoch_end) == 1
     state = read_checkpoint(mid)
     assert state["epoch"] == 1 and state["scheduler"]["epoch_start"] == STEPS_PER_EPOCH
-    return mid
+    return epoch_end, mid
 
 
 @pytest.mark.slow
 def test_continued_runs_end_where_an_uninterrupted_run_ends(
     data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """3 epochs (12 steps, a checkpoint every 3) in one go, against: ``resume_from`` the
-    epoch-2 checkpoint of a run that crashed as epoch 3 started; ``resume_from`` the step-6
-    checkpoint (2 steps into epoch 2) of a run that crashed there; and a worker that dies
+    """3 epochs (12 steps, a checkpoint every 3) in one go, against three runs continued
+    from a run that crashed after its step-6 checkpoint (2 steps into epoch 2): ``resume_from``
+    its epoch-1 checkpoint, ``resume_from`` its step-6 checkpoint, and a worker that dies
     after that checkpoint and is restarted by ``FailureConfig`` within its run. All end at
     step 12 with the same lr and validation error, their histories holding epochs 1-3 once.
     (One uninterrupted run serves all three: checkpoints do not change the arithmetic.)"""
@@ -117,10 +120,9 @@ def test_continued_runs_end_where_an_uninterrupted_run_ends(
 
     full = build_trainer(_config(raw("full"))).fit()
     assert full.metrics["step"] == 3 * STEPS_PER_EPOCH
-    after_epoch_2 = _stop_after_epoch_2(raw("stopped"))
-    mid_epoch_2 = _stop_at_step_6(raw("stopped-mid"))
+    after_epoch_1, mid_epoch_2 = _stop_at_step_6(raw("stopped"))
     continued = {
-        "resumed": build_trainer(_config(raw("resumed")), resume_from=after_epoch_2).fit(),
+        "resumed": build_trainer(_config(raw("resumed")), resume_from=after_epoch_1).fit(),
         "resumed-mid": build_trainer(_config(raw("resumed-mid")), resume_from=mid_epoch_2).fit(),
         "restarted": build_trainer(_config(raw("restarted", fail_at_step=6, max_failures=1))).fit(),
     }
