@@ -27,18 +27,30 @@ Row = dict[str, Any]
 
 class History:
     """A run directory's ``history.jsonl``, each row stamped with when this process saw it
-    (polled every 0.1 s by :meth:`wait`)."""
+    (polled every 0.1 s by :meth:`wait`).
+
+    A restart from an earlier checkpoint rewrites the file: the epochs after the checkpoint
+    are dropped and trained again, so a row may change in place (epoch 2 on 2 workers, then
+    epoch 2 on 1). Rows from the first line that differs on are read again, seen anew."""
 
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / "history.jsonl"
+        self.lines: list[str] = []
         self.rows: list[Row] = []
 
     def poll(self) -> list[Row]:
         if self.path.exists():
             lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
+            same = 0
+            for old, new in zip(self.lines, lines, strict=False):
+                if old != new:
+                    break
+                same += 1
             now = time.monotonic()
-            for line in lines[len(self.rows) :]:
-                self.rows.append({**json.loads(line), "seen_at": now})
+            self.rows = self.rows[:same] + [
+                {**json.loads(line), "seen_at": now} for line in lines[same:]
+            ]
+            self.lines = lines
         return self.rows
 
     def wait(self, what: str, condition: Callable[[list[Row]], bool], driver: Any) -> None:
