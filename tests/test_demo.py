@@ -2,7 +2,7 @@
 single-task run evaluated on test, a multi-task pair (additive and PCGrad), a multi-data pair
 and a 2-trial Optuna sweep on Ray Tune, and a leaderboard holding all of them.
 
-The demo runs once for the module (each run is six Ray Train runs, the suite's longest
+The demo runs once for the module (it makes six Ray Train runs and is the suite's longest
 test); the tests below read what it printed and wrote: its console, each Tune family's
 trials against the runs' own histories and the report's tables, and a study started again,
 which restores its finished trials instead of training them again."""
