@@ -96,7 +96,7 @@ def train_epoch(state: TrainState, data: EpochData) -> dict[str, float]:
     core, config = state.core, state.config
     targets = batch_targets(core.tasks.values())
     state.model.train()
-    sums = MetricSums(core)
+    sums = MetricSums(core, device=state.device)
     epoch_start = wait = time.monotonic()
     waited, samples, first_batch = 0.0, 0, None
     packer = AtomPacker(state.atom_budget) if state.atom_budget is not None else None

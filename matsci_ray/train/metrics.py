@@ -39,9 +39,12 @@ def task_losses(
 class MetricSums:
     """Sums behind each task's metrics, named ``<task>/<metric>``."""
 
-    def __init__(self, model: MatSciModel, distributed: bool = True) -> None:
+    def __init__(
+        self, model: MatSciModel, distributed: bool = True, device: torch.device | None = None
+    ) -> None:
         self.model = model
         self.distributed = distributed
+        self.device = device or torch.device("cpu")  # the collective's: NCCL reduces on CUDA
         self.sums: dict[str, list[float]] = {}  # key -> [sum, count]
 
     def _add(self, key: str, total: Tensor, count: int) -> None:
@@ -70,7 +73,9 @@ class MetricSums:
         rows = [self.sums.get(k, [0.0, 0.0]) for k in keys]
         values = torch.tensor(rows, dtype=torch.float64).reshape(-1, 2)
         if distributed:
+            values = values.to(self.device)
             dist.all_reduce(values)
+            values = values.cpu()
         return {
             f"{prefix}{k}": float(v[0] / v[1]) if v[1] else float("nan")
             for k, v in zip(keys, values, strict=True)
@@ -94,7 +99,7 @@ def score(
     this process's sums alone, or (``distributed``) every worker's, each scoring its shard."""
     model.eval()
     targets = batch_targets(model.tasks.values())
-    sums = MetricSums(model, distributed=distributed)
+    sums = MetricSums(model, distributed=distributed, device=device)
     for rows in row_batches:
         batch = collate(rows, targets, model.datasets)
         if device is not None:
