@@ -19,7 +19,10 @@ from matsci_ray.data.record import Record
 # also changes every ingest fingerprint, so a resumed ingest rewrites its old units.
 # 3: a ``stress`` column (6 Voigt components, eV/Å³). A version-2 shard lacks it, so every
 # shard of a data set would not share one schema; re-ingest rather than mix.
-SCHEMA_VERSION = 3
+# 4: ``stress`` is a variable-length list (6 values, or null), not a fixed-size list of 6: a
+# null in a fixed-size list column does not survive Parquet before pyarrow 26 (24 and older
+# refuse to write it, 25 writes a file it cannot read back), and GPU images ship older ones.
+SCHEMA_VERSION = 4
 
 _VEC3 = pa.list_(pa.float64(), 3)
 _PER_ATOM_VEC3 = pa.list_(_VEC3)
@@ -36,7 +39,7 @@ _TARGET_TYPES: dict[str, pa.DataType] = {
     "per_atom_bool": pa.list_(pa.bool_()),
     "bool": pa.bool_(),
     "class": pa.int16(),
-    "voigt": pa.list_(pa.float64(), 6),
+    "voigt": pa.list_(pa.float64()),  # 6 values (validate.py checks), or null: see version 4
 }
 
 SCHEMA = pa.schema(
