@@ -25,6 +25,7 @@ from matsci_ray.models import build_encoder, model_names, model_spec
 from matsci_ray.models.base import Encoder
 from matsci_ray.potential import MatSciModel
 from matsci_ray.tasks.registry import TASKS
+from tests.devices import CUDA, DEVICES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -83,14 +84,18 @@ def with_heads(encoder: Encoder) -> MatSciModel:
     return model.eval()
 
 
-def predict(model: MatSciModel, structures: list[Atoms], radius: float = CUTOFF) -> dict:
-    """Encoder outputs, every head's value and the forces, detached."""
-    batch = to_batch(structures, radius)
+def predict(
+    model: MatSciModel, structures: list[Atoms], radius: float = CUTOFF, device: str = "cpu"
+) -> dict:
+    """Encoder outputs, every head's value and the forces, detached, on the CPU (``model``
+    lives on ``device``)."""
+    batch = to_batch(structures, radius).to(device)
     preds = model(batch, forces=True)
     out = model.encoder(batch)
-    values = {name: p["value"].detach() for name, p in preds.items()}
-    forces = preds[ENERGY]["forces"].detach()
-    return {"node": out.node.detach(), "graph": out.graph.detach(), "forces": forces, **values}
+    values = {name: p["value"].detach().cpu() for name, p in preds.items()}
+    forces = preds[ENERGY]["forces"].detach().cpu()
+    node, graph = out.node.detach().cpu(), out.graph.detach().cpu()
+    return {"node": node, "graph": graph, "forces": forces, **values}
 
 
 def assert_same(got: dict, want: dict, skip: tuple[str, ...] = ()) -> None:
@@ -119,21 +124,21 @@ def moved(structures: list[Atoms], how: str) -> list[Atoms]:
 # --- checks, reused by test_models_*.py for other settings of one encoder ---------------------
 
 
-def check_invariance(encoder: Encoder) -> None:
-    model = with_heads(encoder)
+def check_invariance(encoder: Encoder, device: str = "cpu") -> None:
+    model = with_heads(encoder).to(device)
     structures = crystals()
-    reference = predict(model, structures)
-    imaged = predict(model, moved(structures, "imaged"))
+    reference = predict(model, structures, device=device)
+    imaged = predict(model, moved(structures, "imaged"), device=device)
     assert_same(imaged, reference)
-    rotated = predict(model, moved(structures, "rotated"))
+    rotated = predict(model, moved(structures, "rotated"), device=device)
     assert_same(rotated, reference, skip=("forces",))
     rotation = torch.from_numpy(Rotation.random(random_state=1).as_matrix())
     torch.testing.assert_close(rotated["forces"] @ rotation, reference["forces"], **TOLERANCE)
 
 
-def check_forces_match_finite_differences(encoder: Encoder) -> None:
-    model = with_heads(encoder)
-    batch = to_batch(crystals())
+def check_forces_match_finite_differences(encoder: Encoder, device: str = "cpu") -> None:
+    model = with_heads(encoder).to(device)
+    batch = to_batch(crystals()).to(device)
     forces = model(batch, forces=True)[ENERGY]["forces"].detach()
     # at initialisation some encoders' energies barely depend on positions: compare against
     # the largest force, with a step whose rounding error stays far below it
@@ -149,7 +154,9 @@ def check_forces_match_finite_differences(encoder: Encoder) -> None:
             with torch.no_grad():
                 energies.append(model(displaced, forces=False)[ENERGY]["value"].sum())
         numeric = -(energies[0] - energies[1]) / (2 * step)
-        torch.testing.assert_close(forces[atom, axis], numeric, rtol=1e-4, atol=1e-4 * largest)
+        torch.testing.assert_close(
+            forces[atom, axis].cpu(), numeric.cpu(), rtol=1e-4, atol=1e-4 * largest
+        )
 
 
 # --- the contract, per registered encoder ------------------------------------------------------
@@ -171,14 +178,30 @@ def test_outputs_have_the_declared_shapes_and_dtype(name: str) -> None:
     assert encoder.cutoff == CUTOFF
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", NAMES)
-def test_invariant_to_rotation_translation_and_periodic_image(name: str) -> None:
-    check_invariance(small_encoder(name))
+def test_invariant_to_rotation_translation_and_periodic_image(name: str, device: str) -> None:
+    check_invariance(small_encoder(name), device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", NAMES)
+def test_forces_are_minus_the_energy_gradient(name: str, device: str) -> None:
+    check_forces_match_finite_differences(small_encoder(name), device)
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_forces_are_minus_the_energy_gradient(name: str) -> None:
-    check_forces_match_finite_differences(small_encoder(name))
+@pytest.mark.parametrize("device", [CUDA])
+def test_the_gpu_computes_what_the_cpu_does(name: str, device: str) -> None:
+    """The same weights in float64 on the GPU and the CPU: every output and the forces agree to
+    the rounding of another summation order (scatter-adds on a GPU add in any order), and no
+    part of the encoder stayed behind on the CPU (it would fail with mixed devices)."""
+    model = with_heads(small_encoder(name))
+    structures = crystals()
+    on_cpu = predict(model, structures)
+    on_gpu = predict(model.to(device), structures, device=device)
+    for key, want in on_cpu.items():
+        torch.testing.assert_close(on_gpu[key], want, rtol=1e-9, atol=1e-11, msg=key)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -24,6 +24,7 @@ import yaml
 
 from matsci_ray.errors import ConfigError
 from matsci_ray.models import build_encoder, model_spec
+from tests.devices import DEVICES
 from tests.samples import SAMPLES, ingest_in_process
 from tests.test_encoder_contract import (
     CUTOFF,
@@ -291,10 +292,14 @@ def test_without_the_extra_the_config_fails_in_one_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_matsci_ray_train_on_lips_and_the_checkpoint_drives_ase(tmp_path: Path) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_matsci_ray_train_on_lips_and_the_checkpoint_drives_ase(
+    tmp_path: Path, device: str
+) -> None:
     """Two epochs of force training on LiPS through the CLI (Ray Train, a local Ray): the loss
     is finite and falls; the checkpoint loads into the ASE calculator, whose forces are minus
-    the gradient of its energy."""
+    the gradient of its energy. On a GPU the same command with ``run.use_gpu`` (one NCCL
+    worker) and TF32 matmuls, and the calculator on the GPU."""
     from ase.io import read
 
     from matsci_ray.errors import StructureError
@@ -323,6 +328,8 @@ def test_matsci_ray_train_on_lips_and_the_checkpoint_drives_ase(tmp_path: Path) 
     )
     command = [sys.executable, "-m", "matsci_ray.cli.main", "train", str(config)]
     command += ["--num-cpus", "2", "--set", "data.max_train_samples=32"]
+    if device == "cuda":
+        command += ["--set", "run.use_gpu=true", "--set", "run.precision=tf32"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
     history = [
@@ -335,7 +342,7 @@ def test_matsci_ray_train_on_lips_and_the_checkpoint_drives_ase(tmp_path: Path) 
 
     checkpoint = next(line for line in done.stdout.splitlines() if line.startswith("checkpoint:"))
     atoms = read(lips, index=0)
-    atoms.calc = MatSciCalculator(checkpoint.split(": ", 1)[1], dtype=torch.float64)
+    atoms.calc = MatSciCalculator(checkpoint.split(": ", 1)[1], device=device, dtype=torch.float64)
     # built for LiPS's Li, P and S, read from the data; a structure with iron is refused
     assert atoms.calc.predictor.elements == (3, 15, 16)
     iron = atoms.copy()

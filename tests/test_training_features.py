@@ -26,6 +26,7 @@ from matsci_ray.tasks.registry import TASKS
 from matsci_ray.train.ema import ExponentialMovingAverage
 from matsci_ray.train.metrics import task_losses
 from matsci_ray.train.precision import maybe_compile, training_autocast, uses_bf16
+from tests.devices import CUDA, DEVICES
 from tests.samples import TINY_EGNN, ingest_in_process, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -88,11 +89,13 @@ def _step(
     batch: object,
     config: ExperimentConfig,
     optimizer: torch.optim.Optimizer | None = None,
+    device: str = "cpu",
 ) -> float:
-    """One optimiser step (default: a fresh AdamW at lr 1e-3), as the loop takes it; the loss."""
+    """One optimiser step (default: a fresh AdamW at lr 1e-3), as the loop takes it on
+    ``device`` (where model and batch are); the loss."""
     optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=1e-3)
     model.train()
-    with training_autocast(config, torch.device("cpu")):
+    with training_autocast(config, torch.device(device)):
         preds = model(batch)
     loss = torch.stack(list(task_losses(model, preds, batch, LossConfig()).values())).sum()
     optimizer.zero_grad()
@@ -107,7 +110,8 @@ def _energies_forces(model: nn.Module, batch: object) -> tuple[torch.Tensor, tor
     return out["value"].detach(), out["forces"].detach()
 
 
-def test_bf16_step_agrees_with_fp32(lips: tuple[Path, dict]) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_step_agrees_with_fp32(lips: tuple[Path, dict], device: str) -> None:
     """From the same weights, one training step under bf16 autocast and one in fp32 give
     models whose fp32 energies and forces on other frames agree to within 1 % (forces, as a
     norm of the difference) and 1 meV/atom (energies).
@@ -120,10 +124,10 @@ def test_bf16_step_agrees_with_fp32(lips: tuple[Path, dict]) -> None:
     more: an 83-atom LiPS energy of about -350 eV rounds in bf16 to a 2 eV grid."""
     root, rows = lips
     model, config = tiny_model("lips-bf16", root, ["lips-forces"])
-    fp32, bf16 = model, copy.deepcopy(model)
-    train, held_out = _lips_batch(rows, 0), _lips_batch(rows, 40)
-    _step(fp32, train, config)
-    _step(bf16, train, _bf16(config))
+    fp32, bf16 = model.to(device), copy.deepcopy(model).to(device)
+    train, held_out = _lips_batch(rows, 0).to(device), _lips_batch(rows, 40).to(device)
+    _step(fp32, train, config, device=device)
+    _step(bf16, train, _bf16(config), device=device)
     (e32, f32), (e16, f16) = _energies_forces(fp32, held_out), _energies_forces(bf16, held_out)
     atoms = held_out.natoms.to(torch.float32)
     assert float(((e16 - e32).abs() / atoms).max()) < 1e-3
@@ -141,9 +145,10 @@ def test_bf16_training_lowers_the_loss(lips: tuple[Path, dict]) -> None:
     assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10]), losses
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["egnn", "megnet", "gala"])
 def test_bf16_forward_keeps_energies_forces_and_stress_in_fp32(
-    name: str, lips: tuple[Path, dict]
+    name: str, lips: tuple[Path, dict], device: str
 ) -> None:
     """Every encoder that runs under autocast: predictions come out in fp32, the encoder's
     matmuls in bf16 (they differ from fp32), and a double backward (force training) runs."""
@@ -154,14 +159,42 @@ def test_bf16_forward_keeps_energies_forces_and_stress_in_fp32(
     _, rows = lips
     torch.manual_seed(0)
     encoder = build_encoder(name, 4.0, MODELS.get(name).small_params())
-    model = MatSciModel(encoder, [TASKS["lips-forces"]], 16).train()
-    batch = _lips_batch(rows, 0, 2)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    model = MatSciModel(encoder, [TASKS["lips-forces"]], 16).train().to(device)
+    batch = _lips_batch(rows, 0, 2).to(device)
+    with torch.autocast(device, dtype=torch.bfloat16):
         out = model(batch, stress=True)["lips-forces"]
     assert {out[k].dtype for k in ("value", "forces", "stress")} == {torch.float32}
     (out["forces"].square().sum() + out["stress"].square().sum()).backward()  # double backward
     assert all(p.grad is not None for p in model.encoder.parameters() if p.requires_grad)
     assert not torch.equal(out["value"].detach(), model(batch)["lips-forces"]["value"].detach())
+
+
+@pytest.mark.parametrize("device", [CUDA])
+def test_tf32_moves_energies_and_forces_by_less_than_stated(
+    lips: tuple[Path, dict], device: str
+) -> None:
+    """``run.precision: tf32`` lets CUDA matmuls round their float32 inputs to TF32's 10-bit
+    mantissa (a relative 2^-11, five times bf16's precision): a tiny EGNN's LiPS energies move
+    by under 1 meV/atom and its forces by under 1 %, the same bounds as a bf16 step, and they
+    do move (TF32 was used)."""
+    from matsci_ray.train.precision import set_matmul_precision
+
+    root, rows = lips
+    model, config = tiny_model("lips-tf32", root, ["lips-forces"])
+    model = model.to(device)
+    batch = _lips_batch(rows, 40).to(device)
+    tf32 = config.model_copy(update={"run": config.run.model_copy(update={"precision": "tf32"})})
+    before = torch.backends.cuda.matmul.fp32_precision
+    try:
+        e32, f32 = _energies_forces(model, batch)
+        set_matmul_precision(tf32)
+        e_tf, f_tf = _energies_forces(model, batch)
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before
+    atoms = batch.natoms.to(torch.float32)
+    assert float(((e_tf - e32).abs() / atoms).max()) < 1e-3
+    assert float((f_tf - f32).norm() / f32.norm()) < 0.01
+    assert not torch.equal(f_tf, f32)
 
 
 def test_mace_asked_for_bf16_trains_in_fp32_and_says_why(
@@ -328,6 +361,38 @@ def test_two_workers_train_on_atom_batches(mp_oc20_root: Path, tmp_path: Path) -
     assert history[-1]["step"] > 2
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("device", [CUDA])
+def test_one_gpu_worker_trains_in_bf16_with_ema_on_atom_batches(
+    mp_oc20_root: Path, samples: Path, tmp_path: Path, device: str
+) -> None:
+    """``run.use_gpu``: one Ray Train worker on the GPU (NCCL) trains the mixed MP and OC20
+    run in bf16 with a moving average on atom-bounded batches; its checkpoint, read on the CPU,
+    predicts what it predicts on the GPU."""
+    import ase.io
+
+    from matsci_ray.inference import Predictor
+    from matsci_ray.train.telemetry import read_history
+    from matsci_ray.train.trainer import build_trainer
+
+    config = _mixed_config(mp_oc20_root, tmp_path / "runs", "gpu", use_gpu=True, precision="bf16")
+    optim = config.optim.model_copy(update={"ema_decay": 0.9, "epochs": 3})
+    config = config.model_copy(update={"optim": optim})
+    result = build_trainer(config).fit()
+    assert result.error is None
+    history = read_history(config.run.storage / config.name)
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    losses = [row["train/s2ef-energy/loss"] for row in history]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+    first = sorted((samples / "oc20" / "trajectories").glob("random*.traj"))[0]
+    atoms = ase.io.read(first, "0:3")
+    on_gpu = Predictor(result.checkpoint.path, device).predict(atoms)
+    on_cpu = Predictor(result.checkpoint.path, "cpu").predict(atoms)
+    for gpu, cpu in zip(on_gpu, on_cpu, strict=True):
+        for task, value in cpu.items():
+            np.testing.assert_allclose(gpu[task], value, rtol=1e-4, atol=1e-5, err_msg=task)
+
+
 # --- the moving average in training: validated, checkpointed, resumed -------------------------
 
 
@@ -373,27 +438,29 @@ def test_ema_is_validated_checkpointed_and_resumed_exactly(mp_root: Path, tmp_pa
 
 
 @pytest.fixture
-def compiler() -> Iterator[None]:
-    if shutil.which("g++") is None and shutil.which("c++") is None:
+def compiler(device: str) -> Iterator[None]:
+    if device == "cpu" and shutil.which("g++") is None and shutil.which("c++") is None:
         pytest.skip("torch.compile on CPU needs a C++ compiler (g++ or c++), and none is here")
     yield
     torch._dynamo.reset()
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.usefixtures("compiler")
 def test_compile_trains_energy_only_and_falls_back_for_forces(
-    lips: tuple[Path, dict], caplog: pytest.LogCaptureFixture
+    lips: tuple[Path, dict], caplog: pytest.LogCaptureFixture, device: str
 ) -> None:
     """A tiny EGNN on LiPS energies compiles, and its compiled training step computes what
     the eager one does; with forces (a double backward) it stays eager and says why."""
     root, rows = lips
     model, config = tiny_model("compiled", root, ["lips-energy"])
     config.run.compile = True
+    model = model.to(device)
     eager = copy.deepcopy(model)
-    assert maybe_compile(model, config, torch.device("cpu"))
+    assert maybe_compile(model, config, torch.device(device))
     batch = rows_to_pyg_batch({k: v[:4] for k, v in rows.items()}, TASKS["lips-energy"].columns)
-    losses = [_step(m, batch, config) for m in (model, eager)]
+    losses = [_step(m, batch.to(device), config, device=device) for m in (model, eager)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
     for compiled, plain in zip(model.parameters(), eager.parameters(), strict=True):
         torch.testing.assert_close(compiled, plain, rtol=1e-4, atol=1e-6)
@@ -401,6 +468,6 @@ def test_compile_trains_energy_only_and_falls_back_for_forces(
     forces, forces_config = tiny_model("compiled-forces", root, ["lips-forces"])
     forces_config.run.compile = True
     with caplog.at_level(logging.WARNING, logger="matsci_ray.train.precision"):
-        assert not maybe_compile(forces, forces_config, torch.device("cpu"))
+        assert not maybe_compile(forces, forces_config, torch.device(device))
     (line,) = [r.getMessage() for r in caplog.records if r.name == "matsci_ray.train.precision"]
     assert "trains uncompiled" in line and "double backward" in line
