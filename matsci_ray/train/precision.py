@@ -21,7 +21,7 @@ torch.compile's AOTAutograd does not support one: with torch 2.13 on CPU the fir
 of a compiled EGNN fails ("This backward function was compiled with non-empty donated buffers
 which requires create_graph=False"), where an energy-only step compiles and runs. A run with a
 force task therefore trains uncompiled and says so in one warning line, and energy-only tasks
-compile (tests/test_training_features.py). Compiling costs minutes of start-up on a CPU.
+compile (tests/test_precision.py). Compiling costs minutes of start-up on a CPU.
 """
 
 from __future__ import annotations
