@@ -333,7 +333,9 @@ def main() -> None:
         "load_at_start": os.getloadavg()[0],
         "out": str(args.out),
     }
-    with tempfile.TemporaryDirectory(prefix="evi", dir="/tmp") as tmp_name:
+    with tempfile.TemporaryDirectory(
+        prefix="evi", dir="/tmp", ignore_cleanup_errors=True
+    ) as tmp_name:
         tmp = Path(tmp_name)
         init_ray(num_cpus=args.num_cpus, temp_dir=tmp / "ray")
         for part, measure in (("oc20", oc20_part), ("cdvae", cdvae_part)):

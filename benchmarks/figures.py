@@ -247,7 +247,9 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "command": "python benchmarks/figures.py",
     }
-    with tempfile.TemporaryDirectory(prefix="fig", dir="/tmp") as tmp_name:
+    with tempfile.TemporaryDirectory(
+        prefix="fig", dir="/tmp", ignore_cleanup_errors=True
+    ) as tmp_name:
         tmp = Path(tmp_name)
         init_ray(num_cpus=2, temp_dir=tmp / "ray")
         root = tmp / "data"

@@ -331,7 +331,7 @@ def main() -> None:
     result |= dict(machine=machine, num_cpus=args.num_cpus, repeats=repeats, quick=args.quick)
     result |= dict(throughput={}, memory={})
     # short path under /tmp: Ray's unix sockets live in its temp dir and paths are length-capped
-    with tempfile.TemporaryDirectory(prefix="mrb-") as tmp_name:
+    with tempfile.TemporaryDirectory(prefix="mrb-", ignore_cleanup_errors=True) as tmp_name:
         tmp = Path(tmp_name)
         init_ray(num_cpus=args.num_cpus, temp_dir=tmp / "ray")
         try:

@@ -321,7 +321,9 @@ def main() -> None:
             "seed": SEED,
         },
     }
-    with tempfile.TemporaryDirectory(prefix="mnat", dir="/tmp") as tmp_name:
+    with tempfile.TemporaryDirectory(
+        prefix="mnat", dir="/tmp", ignore_cleanup_errors=True
+    ) as tmp_name:
         tmp = Path(tmp_name)
         init_ray(num_cpus=2, temp_dir=tmp / "ray")
         root = tmp / "data"
