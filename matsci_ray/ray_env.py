@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,14 +53,36 @@ def init_ray(
         "log_to_driver": log_to_driver,
         "_system_config": _worker_pool_config(num_cpus or os.cpu_count() or 1),
     }
-    if include_dashboard:
-        kwargs.update(_state_api_of_this_cluster())
     if metrics_export_port is not None:  # where Prometheus scrapes this node
         kwargs["_metrics_export_port"] = metrics_export_port
     if temp_dir is not None:
         kwargs["_temp_dir"] = str(Path(temp_dir).resolve())
-    with _loopback_node():
-        return ray.init(**kwargs).dashboard_url or None
+    with one_local_start_at_a_time():
+        if include_dashboard:
+            kwargs.update(_state_api_of_this_cluster())
+        with _loopback_node():
+            return ray.init(**kwargs).dashboard_url or None
+
+
+LOCAL_START_LOCK = Path(tempfile.gettempdir()) / "matsci-ray-local-start.lock"
+
+
+@contextmanager
+def one_local_start_at_a_time() -> Iterator[None]:
+    """Choose the dashboard's port and bind it under one lock per machine. Two drivers
+    starting local Rays at once (two commands, two test workers) both found Ray's usual port
+    free, and the second to bind it failed ("address already in use"); in turn, the second
+    finds it taken and picks another. Without a usable lock file, no lock."""
+    try:
+        fd = os.open(LOCAL_START_LOCK, os.O_RDONLY | os.O_CREAT, 0o644)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _join(address: str, log_to_driver: bool) -> str | None:

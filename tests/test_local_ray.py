@@ -72,3 +72,25 @@ def test_dashboard_port_from_the_environment(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv(DASHBOARD_PORT_VARIABLE, "eighty")
     with pytest.raises(ClusterError, match="MATSCI_RAY_DASHBOARD_PORT='eighty' is not a port"):
         _state_api_of_this_cluster()
+
+
+def test_local_starts_on_one_machine_take_turns() -> None:
+    """While one driver chooses and binds its dashboard port, another's start waits (two at
+    once both took Ray's usual port, and the second failed to bind it)."""
+    import subprocess
+    import sys
+
+    from matsci_ray.ray_env import LOCAL_START_LOCK, one_local_start_at_a_time
+
+    try_lock = (
+        "import fcntl, os, sys\n"
+        f"fd = os.open({str(LOCAL_START_LOCK)!r}, os.O_RDONLY)\n"
+        "try:\n"
+        "    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+        "except BlockingIOError:\n"
+        "    sys.exit(3)\n"
+    )
+    with one_local_start_at_a_time():
+        held = subprocess.run([sys.executable, "-c", try_lock], timeout=60)
+    free = subprocess.run([sys.executable, "-c", try_lock], timeout=60)
+    assert (held.returncode, free.returncode) == (3, 0)
