@@ -11,6 +11,7 @@ import json
 import math
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from matsci_ray.config import ExperimentConfig
@@ -29,6 +30,7 @@ EXPORTED_METRICS = (*_GAUGES.values(), METRIC_GAUGE)
 
 
 HISTORY = "history.jsonl"
+HISTORY_TIME = "time/logged_at"  # a history line's wall-clock stamp, Unix seconds
 
 
 def read_history(run_dir: Location | str) -> list[dict[str, float]]:
@@ -91,7 +93,10 @@ class Telemetry:
         if self.upload is not None:
             upload_dir(*self.upload)
         if self.history is not None:  # learning curves for reports, one JSON line per epoch
-            append_text(self.history, json.dumps({**metrics, "epoch": step}) + "\n")
+            # when the epoch ended (Unix seconds): curves against wall time, and which epochs
+            # of a run overlapped something else (benchmarks/mace_native.py)
+            row = {**metrics, "epoch": step, HISTORY_TIME: time.time()}
+            append_text(self.history, json.dumps(row) + "\n")
 
     def close(self) -> None:
         if self.writer is not None:
