@@ -172,12 +172,15 @@ def test_two_workers_sharded_metrics_equal_whole_split_evaluation(
 ) -> None:
     """A 2-worker epoch validates on shards (blocks of 4 rows, so both workers score rows);
     its reported metrics equal ``evaluate_checkpoint`` of the same checkpoint, one process
-    over the whole validation split."""
+    over the whole validation split. The second epoch scores the batches each worker kept
+    from the first (``data.val_keep_max_atoms``): still every row once."""
     from matsci_ray.train import trainer
     from matsci_ray.train.evaluate import evaluate_checkpoint
 
     monkeypatch.setattr(trainer, "CACHE_BLOCK_ROWS", 4)
-    result = trainer.build_trainer(_config(data_root, tmp_path / "runs")).fit()
+    config = _config(data_root, tmp_path / "runs")
+    config = config.model_copy(update={"optim": config.optim.model_copy(update={"epochs": 2})})
+    result = trainer.build_trainer(config).fit()
     assert result.error is None
     whole = evaluate_checkpoint(result.checkpoint.path, split="val")
     assert result.metrics[METRIC] == pytest.approx(whole["mp-band-gap/mse"], rel=1e-5)

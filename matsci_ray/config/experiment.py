@@ -30,6 +30,13 @@ class DataConfig(StrictModel):
         "a different order each run)",
     )
     val_split: Literal["val", "test"] = "val"
+    val_keep_max_atoms: int = Field(
+        100_000,
+        ge=0,
+        description="a worker's validation shard of at most this many atoms is collated "
+        "once and kept in its memory (on its device) for later epochs instead of streamed "
+        "every epoch (~2 kB per atom at 6 Å); 0: always streamed",
+    )
     max_train_samples: int | None = Field(
         None,
         gt=0,

@@ -44,6 +44,7 @@ RESUME_UNREMARKABLE = (
     "data.task_cpus",
     "data.cache_graphs",
     "data.cache_max_atoms",
+    "data.val_keep_max_atoms",
     "run.compile",
 )
 

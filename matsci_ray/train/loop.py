@@ -42,7 +42,7 @@ from matsci_ray.tasks.registry import primary_metric
 from matsci_ray.train import faults
 from matsci_ray.train.batches import remaining_steps, train_batches
 from matsci_ray.train.checkpoint import save_checkpoint
-from matsci_ray.train.metrics import MetricSums, score, task_losses
+from matsci_ray.train.metrics import MetricSums, collated, score_batches, task_losses
 from matsci_ray.train.pcgrad import pcgrad_backward
 from matsci_ray.train.precision import training_autocast
 from matsci_ray.train.telemetry import Telemetry
@@ -55,7 +55,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Epochs from the resumed one (or the first) to ``optim.epochs``, or until out of time
     or patience; ``loop_config`` is what :func:`~matsci_ray.train.trainer.build_trainer` sends."""
     state = start(loop_config)
-    data = EpochData.from_loop_config(state.core.datasets, loop_config)
+    data = EpochData.from_loop_config(state.config, state.core.datasets, loop_config)
     telemetry = Telemetry(state.config, state.rank)
     started = time.monotonic()
     while state.epoch < state.config.optim.epochs:
@@ -204,16 +204,21 @@ def _warn_oversized(state: TrainState, oversized: int) -> None:
 def validate(state: TrainState, data: EpochData) -> dict[str, float]:
     """Exact ``val/`` metrics: each worker scores its shard of every validation set (split
     unevenly, so no row is dropped; a shard may be empty) and the sums and counts are
-    all-reduced, the same figures on every rank."""
+    all-reduced, the same figures on every rank. A small shard is streamed and collated
+    once and kept (:mod:`~matsci_ray.train.kept_batches`)."""
     config = state.config
-    rows: Iterator[dict[str, Any]] = itertools.chain.from_iterable(
-        shard.iter_batches(batch_size=config.data.batch_size, batch_format="numpy")
-        for shard in data.val.values()
-    )
-    if config.data.max_atoms_per_batch is not None:  # the memory bound, whatever the world size
-        rows = AtomPacker(config.data.max_atoms_per_batch)(rows)
+
+    def stream() -> Iterator[Any]:
+        rows: Iterator[dict[str, Any]] = itertools.chain.from_iterable(
+            shard.iter_batches(batch_size=config.data.batch_size, batch_format="numpy")
+            for shard in data.val.values()
+        )
+        if config.data.max_atoms_per_batch is not None:  # the memory bound at any world size
+            rows = AtomPacker(config.data.max_atoms_per_batch)(rows)
+        return collated(state.evaluated, rows, state.device)
+
     # fp32, and the weights' average under optim.ema_decay: what predicts from the checkpoint
-    metrics = score(state.evaluated, rows, state.device, distributed=True)
+    metrics = score_batches(state.evaluated, data.kept_val(stream), state.device, True)
     return {f"val/{k}": v for k, v in metrics.items()}
 
 

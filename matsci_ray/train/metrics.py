@@ -9,7 +9,7 @@ validation shard), none at all, or rows of other tasks only.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -97,13 +97,29 @@ def score(
 ) -> dict[str, float]:
     """Every task's metrics over Ray Data row batches (numpy format), ``model`` in eval mode:
     this process's sums alone, or (``distributed``) every worker's, each scoring its shard."""
-    model.eval()
+    return score_batches(model, collated(model, row_batches, device), device, distributed)
+
+
+def collated(
+    model: MatSciModel, row_batches: Iterable[dict[str, Any]], device: torch.device | None = None
+) -> Iterator[Any]:
+    """Row batches collated into graph batches with ``model``'s targets, on ``device``."""
     targets = batch_targets(model.tasks.values())
-    sums = MetricSums(model, distributed=distributed, device=device)
     for rows in row_batches:
         batch = collate(rows, targets, model.datasets)
-        if device is not None:
-            batch = batch.to(device)
+        yield batch if device is None else batch.to(device)
+
+
+def score_batches(
+    model: MatSciModel,
+    batches: Iterable[Any],
+    device: torch.device | None = None,
+    distributed: bool = False,
+) -> dict[str, float]:
+    """:func:`score` over batches already collated (:func:`collated`)."""
+    model.eval()
+    sums = MetricSums(model, distributed=distributed, device=device)
+    for batch in batches:
         with torch.set_grad_enabled(model.needs_forces):  # forces are -dE/dr
             preds = model(batch)
         sums.update(preds, batch)

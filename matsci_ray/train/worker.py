@@ -37,6 +37,7 @@ from matsci_ray.config import ExperimentConfig
 from matsci_ray.potential import MatSciModel
 from matsci_ray.tasks.registry import primary_metric
 from matsci_ray.train.ema import ExponentialMovingAverage
+from matsci_ray.train.kept_batches import KeptBatches
 from matsci_ray.train.precision import maybe_compile, set_matmul_precision
 from matsci_ray.train.resume import restore
 from matsci_ray.train.schedule import Schedule
@@ -79,14 +80,18 @@ class EpochData:
     val: dict[str, Any]
     sizes: dict[str, int]
     order_file: str | None  # where rank 0 announces each training pass
+    kept_val: KeptBatches  # the validation batches, once scored, if small enough to keep
 
     @classmethod
-    def from_loop_config(cls, datasets: list[str], loop_config: dict[str, Any]) -> EpochData:
+    def from_loop_config(
+        cls, config: ExperimentConfig, datasets: list[str], loop_config: dict[str, Any]
+    ) -> EpochData:
         return cls(
             train={d: ray.train.get_dataset_shard(f"train:{d}") for d in datasets},
             val={d: ray.train.get_dataset_shard(f"val:{d}") for d in datasets},
             sizes={d: loop_config["summaries"][d]["records"] for d in datasets},
             order_file=loop_config.get("order_file"),
+            kept_val=KeptBatches(config.data.val_keep_max_atoms),
         )
 
 
